@@ -1,0 +1,42 @@
+# One Makefile drives set-up, the daemon, tests, lint and types.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test test-all lint fmt types check bench-ingest clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install the project with its dev tools
+
+run: $(STAMP)  ## start the daemon on embedded defaults (SQLite file, in-process broker, console SMS)
+	$(BIN)/reminders run
+
+# PostgreSQL and Redis tests run when REMINDERS_TEST_DATABASE_URL / REMINDERS_TEST_REDIS_URL
+# are set, and skip otherwise; PYTEST_ARGS=--require-services turns those skips into failures.
+test: $(STAMP)  ## run the test suite
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)  ## ruff
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+types: $(STAMP)  ## mypy --strict
+	$(BIN)/mypy --strict
+
+fmt: $(STAMP)  ## format and fix what ruff can
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+check: lint types test  ## everything CI runs
+
+bench-ingest: $(STAMP)  ## appointments/s through the batch endpoint into PostgreSQL
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,272 @@
+"""The `reminders` command. Exit codes: 0 success; 1 some items rejected; 2 bad usage or
+configuration, with a one-line reason on stderr."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, NoReturn
+
+import typer
+import uvicorn
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+
+from reminders import clinics, db
+from reminders.config import ConfigError, Settings, get_settings
+from reminders.models import Clinic
+from reminders.security import secret_key
+
+app = typer.Typer(
+    name="reminders",
+    help="Two-way SMS appointment reminders that cut no-shows.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+clinic_app = typer.Typer(help="Create and configure clinics (tenants).", no_args_is_help=True)
+app.add_typer(clinic_app, name="clinic")
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+HostOption = Annotated[str, typer.Option(help="Address to listen on.")]
+PortOption = Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    typer.echo(f"reminders: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def settings() -> Settings:
+    try:
+        return get_settings()
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}")
+
+
+def emit(as_json: bool, data: dict[str, Any], human: str) -> None:
+    typer.echo(json.dumps(data, default=str) if as_json else human)
+
+
+def prepare_database(config: Settings, *, auto_migrate: bool) -> None:
+    """Migrates on SQLite (embedded defaults); elsewhere refuses a schema that is behind."""
+    engine = db.get_engine()
+    try:
+        if auto_migrate and config.is_sqlite:
+            db.migrate(engine)
+        elif not db.schema_is_current(engine):
+            fail("the database schema is not up to date: run `reminders migrate` first")
+        with db.session_scope() as session:
+            secret_key(session, config)  # embedded mode: made once, kept in the database
+    except OperationalError as exc:
+        fail(f"cannot reach the database: {exc.orig}")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, stopping gracefully on SIGTERM/SIGINT and then returning (exit 0), where uvicorn
+    itself re-raises the signal once it has stopped."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {
+            sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def serve(host: str, port: int) -> None:
+    from reminders.api import create_app
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # In-flight requests finish, then we return.
+    server = _Server(uvicorn.Config(create_app(), host=host, port=port, access_log=False))
+    server.run()
+
+
+@app.command()
+def run(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
+    """HTTP API, scheduler and worker in one process (embedded defaults need nothing else)."""
+    config = settings()
+    prepare_database(config, auto_migrate=True)
+    serve(host, port)
+
+
+@app.command()
+def api(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
+    """The HTTP API alone (production: run `reminders migrate` first)."""
+    config = settings()
+    prepare_database(config, auto_migrate=False)
+    serve(host, port)
+
+
+def _needs_redis(part: str) -> Settings:
+    config = settings()
+    if config.embedded:
+        fail(f"`reminders {part}` needs REMINDERS_REDIS_URL; without Redis use `reminders run`")
+    return config
+
+
+@app.command()
+def scheduler() -> None:
+    """Claims due reminders and queues them (needs Redis; any number may run)."""
+    _needs_redis("scheduler")
+    fail("the scheduler ships with reminder sending, which is not in this version yet")
+
+
+@app.command()
+def worker() -> None:
+    """Sends queued SMS (needs Redis; any number may run)."""
+    _needs_redis("worker")
+    fail("the worker ships with reminder sending, which is not in this version yet")
+
+
+@app.command()
+def migrate(as_json: JsonOption = False) -> None:
+    """Upgrades the database schema to the newest version."""
+    settings()
+    try:
+        db.migrate(db.get_engine())
+    except OperationalError as exc:
+        fail(f"cannot reach the database: {exc.orig}")
+    emit(as_json, {"migrated": True}, "database schema is up to date")
+
+
+def _clinic_options(**values: Any) -> clinics.ClinicOptions:
+    return clinics.ClinicOptions(**values)
+
+
+@clinic_app.command("add")
+def clinic_add(
+    name: Annotated[str, typer.Argument(help="The clinic's name.")],
+    timezone: Annotated[str, typer.Option(help="IANA time zone, e.g. Europe/Paris.")],
+    country: Annotated[str, typer.Option(help="ISO 3166 alpha-2 code: default phone region.")],
+    language: Annotated[str, typer.Option(help="Default language: en, fr, ru or zh.")],
+    sender: Annotated[
+        str | None, typer.Option(help="Phone number (two-way) or alphanumeric id.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Creates a clinic and prints its id and API key (shown once, stored hashed)."""
+    settings()
+    options = _clinic_options(
+        name=name, timezone=timezone, country=country, language=language, sender=sender
+    )
+    try:
+        with db.session_scope() as session:
+            clinic, key = clinics.create_clinic(session, options)
+            clinic_id = clinic.id
+    except clinics.ClinicError as exc:
+        fail(str(exc))
+    emit(
+        as_json,
+        {"id": clinic_id, "api_key": key},
+        f"clinic {clinic_id} created\nAPI key (shown once, store it now): {key}",
+    )
+
+
+@clinic_app.command("set")
+def clinic_set(
+    clinic_id: Annotated[int, typer.Argument(metavar="ID", help="The clinic's id.")],
+    rules: Annotated[str | None, typer.Option(help="e.g. 72h,24h:unconfirmed")] = None,
+    quiet_hours: Annotated[str | None, typer.Option(help="e.g. 20:00-08:00, or none")] = None,
+    deadline: Annotated[
+        str | None, typer.Option(help="Nothing later than this before the start, e.g. 2h")
+    ] = None,
+    holdout: Annotated[
+        float | None, typer.Option(help="Share of patients never reminded, 0 to <1")
+    ] = None,
+    go_live: Annotated[
+        str | None, typer.Option(help="The day reminders started, e.g. 2026-12-01")
+    ] = None,
+    daily_cap: Annotated[
+        int | None, typer.Option(help="At most this many SMS a day (0: no cap)")
+    ] = None,
+    paused: Annotated[
+        bool | None, typer.Option("--paused/--resumed", help="Pause or resume sending")
+    ] = None,
+    sender: Annotated[
+        str | None, typer.Option(help="Phone number (two-way) or alphanumeric id")
+    ] = None,
+    language: Annotated[str | None, typer.Option(help="Default language: en, fr, ru or zh")] = None,
+    webhook_url: Annotated[
+        str | None, typer.Option(help="Where events are POSTed (none to remove)")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Changes a clinic's settings; a new webhook URL prints its signing secret once."""
+    settings()
+    options = _clinic_options(
+        rules=rules,
+        quiet_hours=quiet_hours,
+        deadline=deadline,
+        holdout=holdout,
+        go_live=go_live,
+        daily_cap=daily_cap,
+        paused=paused,
+        sender=sender,
+        language=language,
+        webhook_url=webhook_url,
+    )
+    try:
+        with db.session_scope() as session:
+            clinic, secret = clinics.update_clinic(session, clinic_id, options)
+            described = clinics.describe(clinic)
+    except clinics.ClinicError as exc:
+        fail(str(exc))
+    if secret is not None:
+        described["webhook_secret"] = secret
+    lines = [f"{key}: {value}" for key, value in described.items() if key != "webhook_secret"]
+    if secret is not None:
+        lines.append(f"webhook signing secret (shown once, store it now): {secret}")
+    emit(as_json, described, "\n".join(lines))
+
+
+@clinic_app.command("rotate-key")
+def clinic_rotate_key(
+    clinic_id: Annotated[int, typer.Argument(metavar="ID", help="The clinic's id.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Prints a new API key (shown once); the old one stops working at once."""
+    settings()
+    try:
+        with db.session_scope() as session:
+            key = clinics.rotate_key(session, clinic_id)
+    except clinics.ClinicError as exc:
+        fail(str(exc))
+    emit(
+        as_json,
+        {"id": clinic_id, "api_key": key},
+        f"new API key for clinic {clinic_id} (shown once; the old one no longer works): {key}",
+    )
+
+
+@clinic_app.command("list")
+def clinic_list(as_json: JsonOption = False) -> None:
+    """Lists the clinics and their settings."""
+    settings()
+    with db.session_scope() as session:
+        rows = [clinics.describe(c) for c in session.scalars(select(Clinic).order_by(Clinic.id))]
+    human = "\n".join(f"{r['id']}\t{r['name']}\t{r['timezone']}\t{r['language']}" for r in rows)
+    emit(as_json, {"clinics": rows}, human or "no clinics yet: `reminders clinic add`")
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:  # raised lazily by a module that reads the settings
+        typer.echo(f"reminders: configuration error: {exc}", err=True)
+        sys.exit(2)

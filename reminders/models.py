@@ -1,0 +1,216 @@
+"""The schema: clinics, patients, appointments, reminders (the outbox), inbound messages, opt-outs,
+events. Alembic migrations create it; a test proves migrations and models match."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    Date,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    Time,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from reminders.db import Base, UTCDateTime
+
+APPOINTMENT_STATUSES = ("booked", "cancelled")
+CONFIRMATIONS = ("unconfirmed", "confirmed", "cancelled_by_patient")
+OUTCOMES = ("attended", "no_show", "cancelled_late")
+REMINDER_STATUSES = ("planned", "queued", "sending", "unknown", "sent", "skipped", "failed")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Timestamps:
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, server_default=func.now())
+    updated_at: Mapped[dt.datetime] = mapped_column(
+        UTCDateTime, server_default=func.now(), onupdate=func.now()
+    )
+
+
+class AppSetting(Base):
+    """Process-independent values kept in the database (the embedded-mode secret key)."""
+
+    __tablename__ = "app_settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class Clinic(Timestamps, Base):
+    __tablename__ = "clinics"
+    __table_args__ = (
+        CheckConstraint("holdout >= 0 AND holdout < 1", name="holdout_range"),
+        CheckConstraint("deadline_minutes >= 0", name="deadline_positive"),
+        CheckConstraint("daily_cap IS NULL OR daily_cap > 0", name="daily_cap_positive"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    timezone: Mapped[str] = mapped_column(String(64))
+    country: Mapped[str] = mapped_column(String(2))
+    language: Mapped[str] = mapped_column(String(8))
+    sender: Mapped[str | None] = mapped_column(String(20))
+    # "72h,24h:unconfirmed": offsets before the start, optionally only while unconfirmed.
+    rules: Mapped[str] = mapped_column(String(200), default="72h,24h:unconfirmed")
+    quiet_start: Mapped[dt.time | None] = mapped_column(Time, default=dt.time(20, 0))
+    quiet_end: Mapped[dt.time | None] = mapped_column(Time, default=dt.time(8, 0))
+    deadline_minutes: Mapped[int] = mapped_column(Integer, default=120)
+    holdout: Mapped[float] = mapped_column(Float, default=0.0)
+    go_live: Mapped[dt.date | None] = mapped_column(Date)
+    daily_cap: Mapped[int | None] = mapped_column(Integer)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    webhook_url: Mapped[str | None] = mapped_column(String(2000))
+    # Kept in clear: we must sign with it. It only authenticates our calls to the clinic.
+    webhook_secret: Mapped[str | None] = mapped_column(String(100))
+    api_key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class Patient(Timestamps, Base):
+    __tablename__ = "patients"
+    __table_args__ = (UniqueConstraint("clinic_id", "external_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinics.id", ondelete="CASCADE"))
+    external_id: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str | None] = mapped_column(String(200))
+    phone_e164: Mapped[str | None] = mapped_column(String(20), index=True)
+    sms_capable: Mapped[bool] = mapped_column(Boolean, default=False)
+    # What the clinic sent (e.g. "zh-CN") and what texts we use ("zh").
+    language_requested: Mapped[str | None] = mapped_column(String(35))
+    language: Mapped[str] = mapped_column(String(8))
+    language_fallback: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Appointment(Timestamps, Base):
+    __tablename__ = "appointments"
+    __table_args__ = (
+        UniqueConstraint("clinic_id", "external_id"),
+        CheckConstraint(_in("status", APPOINTMENT_STATUSES), name="status_known"),
+        CheckConstraint(_in("confirmation", CONFIRMATIONS), name="confirmation_known"),
+        CheckConstraint(f"outcome IS NULL OR {_in('outcome', OUTCOMES)}", name="outcome_known"),
+        CheckConstraint("duration_minutes > 0 AND duration_minutes <= 1440", name="duration_range"),
+        Index("ix_appointments_clinic_starts", "clinic_id", "starts_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinics.id", ondelete="CASCADE"))
+    external_id: Mapped[str] = mapped_column(String(200))
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
+    starts_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    duration_minutes: Mapped[int] = mapped_column(Integer)
+    practitioner: Mapped[str | None] = mapped_column(String(200))
+    location: Mapped[str | None] = mapped_column(String(200))
+    kind: Mapped[str | None] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(16), default="booked")
+    confirmation: Mapped[str] = mapped_column(String(24), default="unconfirmed")
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    source_updated_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # When this booking (this start time) was made: the lead time in reports.
+    booked_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    decided_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # None until the first reminder is planned; then fixed (the randomised arm of the report).
+    holdout: Mapped[bool | None] = mapped_column(Boolean)
+
+    patient: Mapped[Patient] = relationship(lazy="joined", innerjoin=True)
+    reminders: Mapped[list[Reminder]] = relationship(
+        back_populates="appointment", order_by="Reminder.id"
+    )
+
+
+class Reminder(Timestamps, Base):
+    """One outbound SMS: a row before it is a queue job (the outbox)."""
+
+    __tablename__ = "reminders"
+    __table_args__ = (
+        # One (appointment, rule, start time) can never give two rows.
+        UniqueConstraint("appointment_id", "rule", "appointment_starts_at"),
+        CheckConstraint(_in("status", REMINDER_STATUSES), name="status_known"),
+        Index("ix_reminders_status_due", "status", "due_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinics.id", ondelete="CASCADE"), index=True)
+    appointment_id: Mapped[int | None] = mapped_column(ForeignKey("appointments.id"))
+    phone_e164: Mapped[str] = mapped_column(String(20))
+    kind: Mapped[str] = mapped_column(String(16))  # reminder, late, moved, ack, ...
+    rule: Mapped[str] = mapped_column(String(64))
+    appointment_starts_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    due_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    send_by: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    status: Mapped[str] = mapped_column(String(16), default="planned")
+    skip_reason: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(String(500))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    claimed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    provider_message_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    text: Mapped[str | None] = mapped_column(Text)
+    encoding: Mapped[str | None] = mapped_column(String(8))
+    segments: Mapped[int | None] = mapped_column(Integer)
+    price: Mapped[float | None] = mapped_column(Float)
+    delivery_status: Mapped[str | None] = mapped_column(String(16))
+    delivery_error: Mapped[str | None] = mapped_column(String(16))
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+    appointment: Mapped[Appointment | None] = relationship(back_populates="reminders")
+
+
+class InboundMessage(Timestamps, Base):
+    """An SMS from a patient, kept once per provider message id."""
+
+    __tablename__ = "inbound_messages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    provider_message_id: Mapped[str] = mapped_column(String(64), unique=True)
+    clinic_id: Mapped[int | None] = mapped_column(ForeignKey("clinics.id", ondelete="CASCADE"))
+    appointment_id: Mapped[int | None] = mapped_column(ForeignKey("appointments.id"))
+    msisdn: Mapped[str] = mapped_column(String(20), index=True)
+    to_number: Mapped[str] = mapped_column(String(20))
+    text: Mapped[str] = mapped_column(Text)
+    concat_ref: Mapped[str | None] = mapped_column(String(32))
+    concat_total: Mapped[int | None] = mapped_column(Integer)
+    concat_part: Mapped[int | None] = mapped_column(Integer)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    applied_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    result: Mapped[str | None] = mapped_column(String(32))
+
+
+class OptOut(Timestamps, Base):
+    """A number that said STOP to a sender: nothing more goes from that sender to it."""
+
+    __tablename__ = "opt_outs"
+    __table_args__ = (UniqueConstraint("phone_e164", "sender"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    phone_e164: Mapped[str] = mapped_column(String(20))
+    sender: Mapped[str] = mapped_column(String(20))
+    source: Mapped[str] = mapped_column(String(32))
+
+
+class Event(Base):
+    """Something the clinic system must learn; ids increase per clinic, never skipping."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_clinic_id_id", "clinic_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinics.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(40))
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    appointment_external_id: Mapped[str | None] = mapped_column(String(200))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -1,0 +1,92 @@
+"""Phone numbers and language tags, normalised the same way for every intake feed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import langcodes
+import phonenumbers
+from phonenumbers import PhoneNumberType
+
+# Languages with built-in texts. Any Chinese tag uses the Simplified texts.
+SUPPORTED_LANGUAGES = ("en", "fr", "ru", "zh")
+
+# Types that can never receive an SMS. Everything else (mobile, "fixed line or mobile" where the
+# numbering plan cannot tell, VoIP, personal numbers...) is given the benefit of the doubt.
+_NOT_SMS = {
+    PhoneNumberType.FIXED_LINE,
+    PhoneNumberType.TOLL_FREE,
+    PhoneNumberType.PREMIUM_RATE,
+    PhoneNumberType.SHARED_COST,
+    PhoneNumberType.UAN,
+    PhoneNumberType.VOICEMAIL,
+}
+
+
+@dataclass(frozen=True)
+class Phone:
+    e164: str
+    sms_capable: bool
+
+
+@dataclass(frozen=True)
+class LanguageChoice:
+    requested: str | None
+    used: str
+    fallback: bool
+
+
+def parse_phone(raw: str, country: str) -> Phone:
+    """Parses a number written the local way (default region `country`) or in +E.164.
+
+    Raises ValueError with the reason for anything that is not a valid number.
+    """
+    if len(raw) > 40:
+        raise ValueError("too long to be a phone number")
+    try:
+        number = phonenumbers.parse(raw, country)
+    except phonenumbers.NumberParseException as exc:
+        raise ValueError(f"not a phone number: {exc._msg}") from None
+    if not phonenumbers.is_valid_number(number):
+        region = phonenumbers.region_code_for_number(number) or country
+        raise ValueError(f"not a valid phone number for {region}")
+    e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return Phone(e164=e164, sms_capable=phonenumbers.number_type(number) not in _NOT_SMS)
+
+
+def canonical_language(tag: str) -> str:
+    """The standard form of a BCP 47 tag or ISO 639 code (`fre` -> `fr`, `fr_FR` -> `fr-FR`).
+
+    Raises ValueError when it is not a valid tag.
+    """
+    cleaned = tag.strip().replace("_", "-")
+    if not cleaned or len(cleaned) > 35 or not langcodes.tag_is_valid(cleaned):
+        raise ValueError(f"{tag!r} is not a valid BCP 47 language tag or ISO 639 code")
+    return str(langcodes.standardize_tag(cleaned))
+
+
+def base_language(tag: str) -> str | None:
+    """The language subtag of a valid tag (`zh-Hans-CN` -> `zh`), None for `und`."""
+    language: str | None = langcodes.Language.get(canonical_language(tag)).language
+    return language
+
+
+def choose_language(requested: str | None, clinic_language: str) -> LanguageChoice:
+    """The language whose texts the patient gets: theirs when built in, else the clinic's."""
+    if requested is None or not requested.strip():
+        return LanguageChoice(requested=None, used=clinic_language, fallback=False)
+    canonical = canonical_language(requested)
+    base = base_language(canonical)
+    if base in SUPPORTED_LANGUAGES:
+        return LanguageChoice(requested=canonical, used=base, fallback=False)
+    return LanguageChoice(requested=canonical, used=clinic_language, fallback=True)
+
+
+def supported_language(tag: str) -> str:
+    """A clinic's language: must have built-in texts. Raises ValueError otherwise."""
+    base = base_language(tag)
+    if base not in SUPPORTED_LANGUAGES:
+        raise ValueError(
+            f"{tag!r} has no built-in texts: use one of {', '.join(SUPPORTED_LANGUAGES)}"
+        )
+    return base

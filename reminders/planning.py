@@ -1,0 +1,246 @@
+"""Upsert and cancel appointments, idempotently. Functions take a session and `now`; they never
+commit (the caller owns the transaction) and validate everything before writing anything."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from reminders.models import Appointment, Clinic, Patient, Reminder
+from reminders.normalize import choose_language, parse_phone
+from reminders.schemas import AppointmentIn, BatchItem, PatientIn, Result, check_external_id
+
+
+class IntakeError(ValueError):
+    """An input that cannot be applied: `field` names it (dotted path), `reason` says why."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Upserted:
+    appointment: Appointment
+    result: Result
+
+
+@dataclass(frozen=True)
+class _PatientValues:
+    name: str | None
+    phone_e164: str | None
+    sms_capable: bool
+    language_requested: str | None
+    language: str
+    language_fallback: bool
+
+
+def _patient_values(clinic: Clinic, data: PatientIn) -> _PatientValues:
+    phone_e164, sms_capable = None, False
+    if data.phone:
+        try:
+            phone = parse_phone(data.phone, clinic.country)
+        except ValueError as exc:
+            raise IntakeError("patient.phone", str(exc)) from None
+        phone_e164, sms_capable = phone.e164, phone.sms_capable
+    try:
+        language = choose_language(data.language, clinic.language)
+    except ValueError as exc:
+        raise IntakeError("patient.language", str(exc)) from None
+    return _PatientValues(
+        name=data.name or None,
+        phone_e164=phone_e164,
+        sms_capable=sms_capable,
+        language_requested=language.requested,
+        language=language.used,
+        language_fallback=language.fallback,
+    )
+
+
+def _assign(obj: object, values: dict[str, object]) -> bool:
+    """Sets only the attributes that differ (so an identical push writes nothing)."""
+    changed = False
+    for key, value in values.items():
+        if getattr(obj, key) != value:
+            setattr(obj, key, value)
+            changed = True
+    return changed
+
+
+class Intake:
+    """Applies appointments for one clinic within one transaction.
+
+    Keeps the patients and appointments it has seen, so a batch loads them in two queries and
+    two items about the same patient or appointment see each other's changes.
+    """
+
+    def __init__(self, session: Session, clinic: Clinic, now: dt.datetime) -> None:
+        self.session = session
+        self.clinic = clinic
+        self.now = now
+        self._patients: dict[str, Patient | None] = {}
+        self._appointments: dict[str, Appointment | None] = {}
+
+    def preload(self, external_ids: Iterable[str], patient_ids: Iterable[str]) -> None:
+        """Loads the existing rows for a batch in two queries."""
+        wanted = [e for e in set(external_ids) if e not in self._appointments]
+        for chunk in _chunks(wanted, 500):
+            self._appointments.update(dict.fromkeys(chunk))
+            rows = self.session.scalars(
+                select(Appointment).where(
+                    Appointment.clinic_id == self.clinic.id, Appointment.external_id.in_(chunk)
+                )
+            )
+            for appointment in rows:
+                self._appointments[appointment.external_id] = appointment
+                self._patients[appointment.patient.external_id] = appointment.patient
+        wanted = [p for p in set(patient_ids) if p not in self._patients]
+        for chunk in _chunks(wanted, 500):
+            self._patients.update(dict.fromkeys(chunk))
+            for patient in self.session.scalars(
+                select(Patient).where(
+                    Patient.clinic_id == self.clinic.id, Patient.external_id.in_(chunk)
+                )
+            ):
+                self._patients[patient.external_id] = patient
+
+    def appointment(self, external_id: str) -> Appointment | None:
+        if external_id not in self._appointments:
+            self.preload([external_id], [])
+        return self._appointments[external_id]
+
+    def _patient(self, external_id: str) -> Patient | None:
+        if external_id not in self._patients:
+            self.preload([], [external_id])
+        return self._patients[external_id]
+
+    def upsert(self, external_id: str, data: AppointmentIn) -> Upserted:
+        """Creates or updates one appointment; raises IntakeError before writing anything."""
+        try:
+            check_external_id(external_id)
+        except ValueError as exc:
+            raise IntakeError("external_id", str(exc)) from None
+        values = _patient_values(self.clinic, data.patient)
+        if data.outcome is not None and data.starts_at > self.now:
+            raise IntakeError("outcome", "can only be given once the appointment has started")
+        existing = self.appointment(external_id)
+        if existing is not None and _is_stale(existing, data):
+            return Upserted(existing, "stale")
+        patient_changed, patient = self._save_patient(data.patient.external_id, values)
+        if existing is None:
+            return Upserted(self._create(external_id, data, patient), "created")
+        changed = self._update(existing, data, patient)
+        return Upserted(existing, "updated" if changed or patient_changed else "unchanged")
+
+    def _save_patient(self, external_id: str, values: _PatientValues) -> tuple[bool, Patient]:
+        patient = self._patient(external_id)
+        if patient is None:
+            patient = Patient(clinic_id=self.clinic.id, external_id=external_id, **vars(values))
+            self.session.add(patient)
+            self._patients[external_id] = patient
+            return True, patient
+        return _assign(patient, vars(values)), patient
+
+    def _create(self, external_id: str, data: AppointmentIn, patient: Patient) -> Appointment:
+        appointment = Appointment(
+            clinic_id=self.clinic.id,
+            external_id=external_id,
+            patient=patient,
+            starts_at=data.starts_at.astimezone(dt.UTC),
+            duration_minutes=data.duration_minutes,
+            practitioner=data.practitioner or None,
+            location=data.location or None,
+            kind=data.kind or None,
+            status=data.status,
+            confirmation="unconfirmed",
+            outcome=data.outcome,
+            source_updated_at=_utc(data.source_updated_at),
+            booked_at=self.now,
+        )
+        appointment.reminders = []
+        self.session.add(appointment)
+        self._appointments[external_id] = appointment
+        return appointment
+
+    def _update(self, appointment: Appointment, data: AppointmentIn, patient: Patient) -> bool:
+        starts_at = data.starts_at.astimezone(dt.UTC)
+        moved = starts_at != appointment.starts_at
+        values: dict[str, object] = {
+            "patient": patient,
+            "starts_at": starts_at,
+            "duration_minutes": data.duration_minutes,
+            "practitioner": data.practitioner or None,
+            "location": data.location or None,
+            "kind": data.kind or None,
+            "status": data.status,
+        }
+        if data.outcome is not None:
+            values["outcome"] = data.outcome
+        if moved:
+            # A new start time is a new booking: the patient's answer was about another slot.
+            values.update(booked_at=self.now, confirmation="unconfirmed", decided_at=None)
+            if data.outcome is None:
+                values["outcome"] = None
+        elif appointment.confirmation == "cancelled_by_patient":
+            values["status"] = "cancelled"  # a patient's cancellation stands
+        changed = _assign(appointment, values)
+        if data.source_updated_at is not None:
+            # A newer clock with the same content is remembered but is not a change.
+            _assign(appointment, {"source_updated_at": _utc(data.source_updated_at)})
+        if changed and (moved or appointment.status == "cancelled"):
+            drop_pending(self.session, appointment, "moved" if moved else "cancelled")
+        return changed
+
+    def cancel(self, external_id: str) -> Upserted:
+        """The clinic cancels: no more reminders. Raises LookupError for an unknown appointment."""
+        appointment = self.appointment(external_id)
+        if appointment is None:
+            raise LookupError(external_id)
+        if appointment.status == "cancelled":
+            return Upserted(appointment, "unchanged")
+        appointment.status = "cancelled"
+        drop_pending(self.session, appointment, "cancelled")
+        return Upserted(appointment, "cancelled")
+
+    def batch(self, items: Sequence[BatchItem]) -> list[Upserted | IntakeError]:
+        """Applies valid items in order; a bad item gives its error and never blocks the others."""
+        self.preload([i.external_id for i in items], [i.patient.external_id for i in items])
+        results: list[Upserted | IntakeError] = []
+        for item in items:
+            try:
+                results.append(self.upsert(item.external_id, item))
+            except IntakeError as exc:
+                results.append(exc)
+        return results
+
+
+def drop_pending(session: Session, appointment: Appointment, reason: str) -> None:
+    """Skips the reminders of an appointment that are not out yet, recording why."""
+    if appointment.id is None:
+        return
+    session.execute(
+        update(Reminder)
+        .where(Reminder.appointment_id == appointment.id, Reminder.status == "planned")
+        .values(status="skipped", skip_reason=reason)
+        .execution_options(synchronize_session="fetch")
+    )
+
+
+def _is_stale(appointment: Appointment, data: AppointmentIn) -> bool:
+    incoming = _utc(data.source_updated_at)
+    stored = appointment.source_updated_at
+    return incoming is not None and stored is not None and incoming < stored
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    return value.astimezone(dt.UTC) if value is not None else None
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
