@@ -177,15 +177,15 @@ def _now() -> dt.datetime:
 
 
 def _transaction(work: Callable[[Session, Clinic], T], clinic_id: int) -> T:
-    """Runs `work` in one transaction; once more if a concurrent insert of the same id won."""
-    for attempt in (1, 2):
+    """Runs `work` in one transaction; again if a concurrent insert of the same id won."""
+    for attempt in (1, 2, 3):
         try:
             with session_scope() as session:
                 clinic = session.get(Clinic, clinic_id)
                 assert clinic is not None
                 return work(session, clinic)
         except IntegrityError:
-            if attempt == 2:
+            if attempt == 3:
                 raise
     raise AssertionError("unreachable")
 
