@@ -38,6 +38,7 @@ from reminders.schemas import (
     FieldError,
     Problem,
 )
+from reminders.security import process_secret_key
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
 PROBLEM = "application/problem+json"
@@ -176,6 +177,10 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _secret() -> bytes:
+    return process_secret_key(get_settings())
+
+
 def _transaction(work: Callable[[Session, Clinic], T], clinic_id: int) -> T:
     """Runs `work` in one transaction; again if a concurrent insert of the same id won."""
     for attempt in (1, 2, 3):
@@ -217,7 +222,7 @@ def put_appointment(external_id: str, body: AppointmentIn, clinic_id: ClinicId) 
 
     def work(session: Session, clinic: Clinic) -> tuple[Upserted, AppointmentOut]:
         try:
-            done = Intake(session, clinic, _now()).upsert(external_id, body)
+            done = Intake(session, clinic, _now(), _secret()).upsert(external_id, body)
         except IntakeError as exc:
             raise _intake_problem(exc) from None
         session.flush()
@@ -244,7 +249,7 @@ def post_batch(body: BatchIn, clinic_id: ClinicId) -> BatchOut:
             )
 
     def work(session: Session, clinic: Clinic) -> list[BatchResult]:
-        outcomes = Intake(session, clinic, _now()).batch([item for _, item in valid])
+        outcomes = Intake(session, clinic, _now(), _secret()).batch([item for _, item in valid])
         return [
             _batch_result(item.external_id, o) for (_, item), o in zip(valid, outcomes, strict=True)
         ]
@@ -276,7 +281,7 @@ def cancel_appointment(external_id: str, clinic_id: ClinicId) -> AppointmentOut:
 
     def work(session: Session, clinic: Clinic) -> AppointmentOut:
         try:
-            done = Intake(session, clinic, _now()).cancel(external_id)
+            done = Intake(session, clinic, _now(), _secret()).cancel(external_id)
         except LookupError:
             raise _not_found(external_id) from None
         session.flush()

@@ -3,6 +3,7 @@ configuration, with a one-line reason on stderr."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import signal
@@ -10,14 +11,21 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import dramatiq
 import typer
 import uvicorn
+from apscheduler.schedulers.background import BackgroundScheduler
+from dramatiq.brokers.stub import StubBroker
+from rich.console import Console
+from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from reminders import clinics, db
+from reminders import actors, clinics, db, dispatch, scheduler, texts
+from reminders.broker import QUEUE
 from reminders.config import ConfigError, Settings, get_settings
 from reminders.models import Clinic
 from reminders.security import secret_key
@@ -31,6 +39,8 @@ app = typer.Typer(
 )
 clinic_app = typer.Typer(help="Create and configure clinics (tenants).", no_args_is_help=True)
 app.add_typer(clinic_app, name="clinic")
+template_app = typer.Typer(help="Check and set the SMS texts.", no_args_is_help=True)
+app.add_typer(template_app, name="template")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 HostOption = Annotated[str, typer.Option(help="Address to listen on.")]
@@ -86,15 +96,33 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def serve(host: str, port: int) -> None:
-    from reminders.api import create_app
-
+def _logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+
+
+def serve(host: str, port: int) -> None:
+    from reminders.api import create_app
+
+    _logging()
     # In-flight requests finish, then we return.
     server = _Server(uvicorn.Config(create_app(), host=host, port=port, access_log=False))
     server.run()
+
+
+def _until_signal() -> None:
+    """Blocks until SIGTERM or SIGINT."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def _worker(broker: dramatiq.Broker, threads: int) -> dramatiq.Worker:
+    worker = dramatiq.Worker(broker, worker_threads=threads, queues={QUEUE})
+    worker.start()
+    return worker
 
 
 @app.command()
@@ -102,7 +130,14 @@ def run(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
     """HTTP API, scheduler and worker in one process (embedded defaults need nothing else)."""
     config = settings()
     prepare_database(config, auto_migrate=True)
-    serve(host, port)
+    worker = _worker(actors.configure(config), threads=4)
+    jobs = scheduler.add_jobs(BackgroundScheduler(timezone=dt.UTC))
+    jobs.start()
+    try:
+        serve(host, port)
+    finally:
+        jobs.shutdown(wait=False)
+        worker.stop(timeout=10_000)
 
 
 @app.command()
@@ -117,21 +152,69 @@ def _needs_redis(part: str) -> Settings:
     config = settings()
     if config.embedded:
         fail(f"`reminders {part}` needs REMINDERS_REDIS_URL; without Redis use `reminders run`")
+    prepare_database(config, auto_migrate=False)
     return config
 
 
-@app.command()
-def scheduler() -> None:
+@app.command("scheduler")
+def scheduler_command() -> None:
     """Claims due reminders and queues them (needs Redis; any number may run)."""
-    _needs_redis("scheduler")
-    fail("the scheduler ships with reminder sending, which is not in this version yet")
+    config = _needs_redis("scheduler")
+    _logging()
+    actors.configure(config)
+    jobs = scheduler.add_jobs(BackgroundScheduler(timezone=dt.UTC))
+    jobs.start()
+    _until_signal()
+    jobs.shutdown(wait=True)
 
 
 @app.command()
-def worker() -> None:
+def worker(
+    threads: Annotated[int, typer.Option(min=1, max=64, help="Sending threads.")] = 8,
+) -> None:
     """Sends queued SMS (needs Redis; any number may run)."""
-    _needs_redis("worker")
-    fail("the worker ships with reminder sending, which is not in this version yet")
+    config = _needs_redis("worker")
+    _logging()
+    running = _worker(actors.configure(config), threads)
+    _until_signal()
+    running.stop(timeout=30_000)
+
+
+def _parse_now(value: str | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        now = dt.datetime.fromisoformat(value)
+    except ValueError:
+        fail(f"--now: {value!r} is not an ISO 8601 time like 2026-11-23T08:00:00+01:00")
+    if now.utcoffset() is None:
+        fail("--now: must carry a UTC offset, e.g. 2026-11-23T08:00:00+01:00")
+    return now.astimezone(dt.UTC)
+
+
+@app.command()
+def tick(
+    now: Annotated[str | None, typer.Option(help="The clock of the whole command.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """One scheduling pass; in embedded mode it then waits until the SMS it queued are done."""
+    config = settings()
+    prepare_database(config, auto_migrate=config.is_sqlite)
+    fixed = _parse_now(now)
+    clock = (lambda: fixed) if fixed is not None else actors.real_clock
+    broker = actors.configure(config, clock=clock)
+    running = _worker(broker, threads=4) if config.embedded else None
+    ids = scheduler.tick(clock)
+    if running is not None:
+        assert isinstance(broker, StubBroker)
+        broker.join(QUEUE, fail_fast=False)
+        running.join()
+        running.stop()
+    outcomes = dispatch.outcomes(ids)
+    human = f"queued {len(ids)} SMS" + (
+        ": " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())) if ids else ""
+    )
+    emit(as_json, {"queued": len(ids), "outcomes": outcomes}, human)
 
 
 @app.command()
@@ -262,6 +345,102 @@ def clinic_list(as_json: JsonOption = False) -> None:
         rows = [clinics.describe(c) for c in session.scalars(select(Clinic).order_by(Clinic.id))]
     human = "\n".join(f"{r['id']}\t{r['name']}\t{r['timezone']}\t{r['language']}" for r in rows)
     emit(as_json, {"clinics": rows}, human or "no clinics yet: `reminders clinic add`")
+
+
+ClinicOption = Annotated[int, typer.Option("--clinic", metavar="ID", help="The clinic's id.")]
+
+
+@template_app.command("check")
+def template_check(
+    clinic_id: Annotated[
+        int | None, typer.Option("--clinic", metavar="ID", help="Use this clinic's texts.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Prints each language's texts for a sample appointment with encoding, length, segments."""
+    settings()
+    own: dict[tuple[str, str], str] = {}
+    two_way = True
+    if clinic_id is not None:
+        try:
+            with db.session_scope() as session:
+                clinic = clinics.get_clinic(session, clinic_id)
+                two_way = dispatch.sender_of(clinic).startswith("+")
+                own = clinics.templates_of(session, clinic_id)
+        except clinics.ClinicError as exc:
+            fail(str(exc))
+    report = texts.check_report(templates=own, two_way=two_way)
+    rows = [
+        {
+            "language": r.language,
+            "kind": r.kind,
+            "own": (r.kind, r.language) in own,
+            "encoding": r.encoding,
+            "length": r.length,
+            "segments": r.segments,
+            "text": r.text,
+        }
+        for r in report
+    ]
+    if as_json:
+        emit(True, {"texts": rows}, "")
+        return
+    table = Table("lang", "kind", "encoding", "length", "segments", "text", show_lines=True)
+    for row in rows:
+        kind = f"{row['kind']} (own)" if row["own"] else str(row["kind"])
+        table.add_row(
+            str(row["language"]),
+            kind,
+            str(row["encoding"]),
+            str(row["length"]),
+            str(row["segments"]),
+            str(row["text"]),
+        )
+    Console(width=160).print(table)
+
+
+@template_app.command("set")
+def template_set(
+    clinic_id: ClinicOption,
+    language: Annotated[str, typer.Option(help="en, fr, ru or zh.")],
+    kind: Annotated[str, typer.Option(help="reminder, late, moved or ack.")],
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Jinja2 text.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Stores a clinic's own text after the same check (exit 1 if the text is refused)."""
+    settings()
+    if language not in texts.LANGUAGES:
+        fail(f"--language: one of {', '.join(texts.LANGUAGES)}")
+    if kind not in texts.TEMPLATE_KINDS:
+        fail(f"--kind: one of {', '.join(texts.TEMPLATE_KINDS)}")
+    try:
+        source = file.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        fail(f"{file}: not UTF-8 text")
+    try:
+        texts.check_template(source, kind)
+    except texts.TemplateError as exc:
+        fail(f"{file}: refused: {exc}", code=1)
+    try:
+        with db.session_scope() as session:
+            clinics.save_template(session, clinic_id, kind, language, source)
+    except clinics.ClinicError as exc:
+        fail(str(exc))
+    context = texts.sample_context(language)
+    sample = texts.render(kind, context, source)
+    segments = texts.count_segments(sample)
+    emit(
+        as_json,
+        {
+            "clinic": clinic_id,
+            "kind": kind,
+            "language": language,
+            "sample": sample,
+            "encoding": segments.encoding,
+            "segments": segments.count,
+        },
+        f"stored; sample ({segments.encoding}, {segments.count} segment(s)): {sample}",
+    )
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from reminders import schedule
-from reminders.models import Clinic
+from reminders.models import Clinic, Template
 from reminders.normalize import parse_phone, supported_language
 from reminders.security import hash_api_key, new_api_key, new_webhook_secret
 
@@ -249,3 +249,28 @@ def describe(clinic: Clinic) -> dict[str, Any]:
         "paused": clinic.paused,
         "webhook_url": clinic.webhook_url,
     }
+
+
+def templates_of(session: Session, clinic_id: int) -> dict[tuple[str, str], str]:
+    """A clinic's own texts, by (kind, language)."""
+    rows = session.execute(
+        select(Template.kind, Template.language, Template.source).where(
+            Template.clinic_id == clinic_id
+        )
+    )
+    return {(kind, language): source for kind, language, source in rows}
+
+
+def save_template(session: Session, clinic_id: int, kind: str, language: str, source: str) -> None:
+    """Stores a clinic's own text for one kind and language (checked by the caller)."""
+    get_clinic(session, clinic_id)
+    row = session.scalar(
+        select(Template).where(
+            Template.clinic_id == clinic_id, Template.kind == kind, Template.language == language
+        )
+    )
+    if row is None:
+        session.add(Template(clinic_id=clinic_id, kind=kind, language=language, source=source))
+    else:
+        row.source = source
+    session.flush()

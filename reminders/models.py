@@ -20,6 +20,7 @@ from sqlalchemy import (
     Time,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -124,6 +125,8 @@ class Appointment(Timestamps, Base):
     decided_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     # None until the first reminder is planned; then fixed (the randomised arm of the report).
     holdout: Mapped[bool | None] = mapped_column(Boolean)
+    # The patient link's token (/c/{token}): a keyed hash, made with the first reminder.
+    link_token: Mapped[str | None] = mapped_column(String(32), unique=True)
 
     patient: Mapped[Patient] = relationship(lazy="joined", innerjoin=True)
     reminders: Mapped[list[Reminder]] = relationship(
@@ -140,6 +143,22 @@ class Reminder(Timestamps, Base):
         UniqueConstraint("appointment_id", "rule", "appointment_starts_at"),
         CheckConstraint(_in("status", REMINDER_STATUSES), name="status_known"),
         Index("ix_reminders_status_due", "status", "due_at"),
+        # The scheduler's scans touch only the small set of rows still in play, so an idle tick
+        # costs the same at any table size.
+        Index(
+            "ix_reminders_planned_due",
+            "due_at",
+            postgresql_where=text("status = 'planned'"),
+            sqlite_where=text("status = 'planned'"),
+        ),
+        Index(
+            "ix_reminders_in_flight",
+            "status",
+            "claimed_at",
+            postgresql_where=text("status IN ('queued', 'sending', 'unknown')"),
+            sqlite_where=text("status IN ('queued', 'sending', 'unknown')"),
+        ),
+        Index("ix_reminders_appointment_id", "appointment_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -168,6 +187,19 @@ class Reminder(Timestamps, Base):
     delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
     appointment: Mapped[Appointment | None] = relationship(back_populates="reminders")
+
+
+class Template(Timestamps, Base):
+    """A clinic's own text for one kind of SMS in one language (Jinja2, sandboxed)."""
+
+    __tablename__ = "templates"
+    __table_args__ = (UniqueConstraint("clinic_id", "kind", "language"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinics.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))
+    language: Mapped[str] = mapped_column(String(8))
+    source: Mapped[str] = mapped_column(Text)
 
 
 class InboundMessage(Timestamps, Base):

@@ -6,13 +6,19 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
+from reminders import schedule
 from reminders.models import Appointment, Clinic, Patient, Reminder
 from reminders.normalize import choose_language, parse_phone
 from reminders.schemas import AppointmentIn, BatchItem, PatientIn, Result, check_external_id
+from reminders.security import in_holdout, link_token
+
+# Statuses of a reminder that went out, or may have: the patient may rely on what it said.
+WENT_OUT = ("sent", "sending", "unknown")
 
 
 class IntakeError(ValueError):
@@ -79,10 +85,12 @@ class Intake:
     two items about the same patient or appointment see each other's changes.
     """
 
-    def __init__(self, session: Session, clinic: Clinic, now: dt.datetime) -> None:
+    def __init__(self, session: Session, clinic: Clinic, now: dt.datetime, secret: bytes) -> None:
         self.session = session
         self.clinic = clinic
         self.now = now
+        self.secret = secret
+        self.timing = clinic_timing(clinic)
         self._patients: dict[str, Patient | None] = {}
         self._appointments: dict[str, Appointment | None] = {}
 
@@ -92,9 +100,9 @@ class Intake:
         for chunk in _chunks(wanted, 500):
             self._appointments.update(dict.fromkeys(chunk))
             rows = self.session.scalars(
-                select(Appointment).where(
-                    Appointment.clinic_id == self.clinic.id, Appointment.external_id.in_(chunk)
-                )
+                select(Appointment)
+                .where(Appointment.clinic_id == self.clinic.id, Appointment.external_id.in_(chunk))
+                .options(selectinload(Appointment.reminders))
             )
             for appointment in rows:
                 self._appointments[appointment.external_id] = appointment
@@ -133,9 +141,69 @@ class Intake:
             return Upserted(existing, "stale")
         patient_changed, patient = self._save_patient(data.patient.external_id, values)
         if existing is None:
-            return Upserted(self._create(external_id, data, patient), "created")
+            appointment = self._create(external_id, data, patient)
+            self.plan(appointment)
+            return Upserted(appointment, "created")
+        old_start = existing.starts_at
         changed = self._update(existing, data, patient)
+        if changed or patient_changed:
+            self.plan(existing, moved_from=old_start if existing.starts_at != old_start else None)
         return Upserted(existing, "updated" if changed or patient_changed else "unchanged")
+
+    def plan(self, appointment: Appointment, moved_from: dt.datetime | None = None) -> None:
+        """Plans the reminders of the appointment's current booking, once (DESIGN rule 1).
+
+        Nothing for a cancelled or past appointment, a patient who cannot get SMS, or a patient
+        in the clinic's holdout. A booking that was cancelled and is booked again gets back the
+        reminders its cancellation skipped.
+        """
+        patient = appointment.patient
+        if (
+            appointment.status != "booked"
+            or appointment.confirmation == "cancelled_by_patient"
+            or appointment.starts_at <= self.now
+            or not patient.sms_capable
+            or patient.phone_e164 is None
+        ):
+            return
+        if appointment.holdout is None:
+            appointment.holdout = in_holdout(
+                self.secret, self.clinic.id, patient.external_id, self.clinic.holdout
+            )
+        if appointment.holdout:
+            return
+        current = {
+            r.rule: r
+            for r in appointment.reminders
+            if r.appointment_starts_at == appointment.starts_at
+        }
+        if any(r.skip_reason != "cancelled" for r in current.values()):
+            return  # this booking is planned already
+        if appointment.link_token is None:
+            appointment.link_token = link_token(
+                self.secret, self.clinic.id, appointment.external_id
+            )
+        moved = moved_from is not None and any(
+            r.appointment_starts_at == moved_from and r.status in WENT_OUT and r.kind != "ack"
+            for r in appointment.reminders
+        )
+        for item in schedule.plan(appointment.starts_at, self.now, self.timing, moved=moved):
+            row = current.get(item.rule)
+            if row is None:
+                row = Reminder(
+                    clinic_id=self.clinic.id,
+                    appointment=appointment,
+                    rule=item.rule,
+                    appointment_starts_at=appointment.starts_at,
+                    attempts=0,
+                )
+                self.session.add(row)
+            row.phone_e164 = patient.phone_e164
+            row.kind = item.kind
+            row.due_at = item.due_at
+            row.send_by = item.send_by
+            row.status = "planned" if item.skip is None else "skipped"
+            row.skip_reason = item.skip
 
     def _save_patient(self, external_id: str, values: _PatientValues) -> tuple[bool, Patient]:
         patient = self._patient(external_id)
@@ -244,3 +312,16 @@ def _utc(value: dt.datetime | None) -> dt.datetime | None:
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def clinic_timing(clinic: Clinic) -> schedule.Timing:
+    """A clinic's rules, time zone, quiet hours and deadline, as the planner needs them."""
+    quiet = None
+    if clinic.quiet_start is not None and clinic.quiet_end is not None:
+        quiet = (clinic.quiet_start, clinic.quiet_end)
+    return schedule.Timing(
+        rules=schedule.parse_rules(clinic.rules),
+        zone=ZoneInfo(clinic.timezone),
+        quiet=quiet,
+        deadline=dt.timedelta(minutes=clinic.deadline_minutes),
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
@@ -48,3 +49,37 @@ def secret_key(session: Session, settings: Settings) -> bytes:
         session.add(AppSetting(key=_SECRET_KEY_SETTING, value=stored))
         session.flush()
     return stored.encode()
+
+
+def _keyed(secret: bytes, *parts: object) -> bytes:
+    message = "\x00".join(str(p) for p in parts).encode("utf-8", "surrogatepass")
+    return hmac.new(secret, message, hashlib.sha256).digest()
+
+
+def link_token(secret: bytes, clinic_id: int, external_id: str) -> str:
+    """The patient link's token: 72 bits of a keyed hash, 12 URL-safe characters (short, since
+    it costs SMS characters; unguessable, and the link routes are rate limited)."""
+    return base64.urlsafe_b64encode(_keyed(secret, "link", clinic_id, external_id))[:12].decode()
+
+
+def in_holdout(secret: bytes, clinic_id: int, patient_external_id: str, share: float) -> bool:
+    """Whether a patient belongs to the clinic's holdout: random, stable for the patient, and
+    unpredictable without the secret key."""
+    if share <= 0:
+        return False
+    draw = int.from_bytes(_keyed(secret, "holdout", clinic_id, patient_external_id)[:8], "big")
+    return draw / 2**64 < share
+
+
+_secret_cache: dict[str, bytes] = {}
+
+
+def process_secret_key(settings: Settings) -> bytes:
+    """The secret key, read (or made, in embedded mode) once per process and database."""
+    cached = _secret_cache.get(settings.database_url)
+    if cached is None:
+        from reminders.db import session_scope
+
+        with session_scope() as session:
+            cached = _secret_cache[settings.database_url] = secret_key(session, settings)
+    return cached

@@ -6,6 +6,7 @@ clinic with its API key, and an API client.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 from collections.abc import Iterator
@@ -21,6 +22,17 @@ from reminders import db
 from reminders.api import create_app
 from reminders.clinics import ClinicOptions, create_clinic
 
+# Appointments in tests start ten days from today (the API reads the real clock), at 09:30 Paris
+# winter time; `day(n)` gives other days relative to it.
+START_DAY = dt.date.today() + dt.timedelta(days=10)
+
+
+def day(offset: int = 0, time: str = "09:30:00+01:00") -> str:
+    return f"{(START_DAY + dt.timedelta(days=offset)).isoformat()}T{time}"
+
+
+STARTS_AT = day()
+STARTS_AT_UTC = day(time="08:30:00Z")
 PG_ENV = "REMINDERS_TEST_DATABASE_URL"
 REDIS_ENV = "REMINDERS_TEST_REDIS_URL"
 PG_SCHEMA = "reminders_test"
@@ -171,7 +183,7 @@ def client(database: str) -> Iterator[TestClient]:
 def appointment_body(**overrides: object) -> dict[str, object]:
     """A valid appointment body, as a clinic system would send it."""
     body: dict[str, object] = {
-        "starts_at": "2026-11-24T09:30:00+01:00",
+        "starts_at": STARTS_AT,
         "duration_minutes": 20,
         "patient": {
             "external_id": "P1",

@@ -12,8 +12,8 @@ from sqlalchemy import func, select
 
 from reminders import db
 from reminders.clinics import rotate_key
-from reminders.models import Appointment, Patient, Reminder
-from tests.conftest import Cast, appointment_body
+from reminders.models import Appointment, Patient
+from tests.conftest import STARTS_AT, STARTS_AT_UTC, Cast, appointment_body, day
 
 
 def put(client: TestClient, cast: Cast, external_id: str = "A1", **overrides: Any) -> Any:
@@ -45,7 +45,7 @@ def test_a_new_appointment_is_created_with_the_patient_normalised(
     body = response.json()
     assert body["result"] == "created"
     assert body["external_id"] == "A1"
-    assert body["starts_at"] == "2026-11-24T08:30:00Z"
+    assert body["starts_at"] == STARTS_AT_UTC
     assert body["status"] == "booked"
     assert body["confirmation"] == "unconfirmed"
     assert body["outcome"] is None
@@ -53,7 +53,10 @@ def test_a_new_appointment_is_created_with_the_patient_normalised(
     assert body["patient"]["sms_capable"] is True
     assert body["language"] == "fr"
     assert body["language_fallback"] is False
-    assert body["messages"] == []
+    assert [(m["kind"], m["rule"], m["status"]) for m in body["messages"]] == [
+        ("reminder", "72h", "planned"),
+        ("reminder", "24h:unconfirmed", "planned"),
+    ]
 
 
 def test_the_same_body_twice_is_unchanged_and_writes_nothing(
@@ -104,7 +107,7 @@ def test_the_same_start_written_with_another_offset_is_unchanged(
     client: TestClient, cast: Cast
 ) -> None:
     put(client, cast)
-    response = put(client, cast, starts_at="2026-11-24T08:30:00Z")
+    response = put(client, cast, starts_at=STARTS_AT_UTC)
     assert response.json()["result"] == "unchanged"
 
 
@@ -127,7 +130,7 @@ def test_a_new_start_time_is_a_new_booking(client: TestClient, cast: Cast) -> No
         appointment = session.scalars(select(Appointment)).one()
         appointment.confirmation = "cancelled_by_patient"
         appointment.status = "cancelled"
-    response = put(client, cast, starts_at="2026-11-25T14:00:00+01:00", status="booked")
+    response = put(client, cast, starts_at=day(1, "14:00:00+01:00"), status="booked")
     assert response.json()["result"] == "updated"
     assert response.json()["confirmation"] == "unconfirmed"
     assert response.json()["status"] == "booked"
@@ -137,25 +140,14 @@ def test_a_move_skips_the_reminders_planned_for_the_old_time(
     client: TestClient, cast: Cast
 ) -> None:
     put(client, cast)
-    with db.session_scope() as session:
-        appointment = session.scalars(select(Appointment)).one()
-        due = appointment.starts_at - dt.timedelta(hours=24)
-        session.add(
-            Reminder(
-                clinic_id=cast.clinic_id,
-                appointment_id=appointment.id,
-                phone_e164="+33612345678",
-                kind="reminder",
-                rule="24h",
-                appointment_starts_at=appointment.starts_at,
-                due_at=due,
-                send_by=appointment.starts_at - dt.timedelta(hours=2),
-            )
-        )
-    response = put(client, cast, starts_at="2026-11-26T09:30:00+01:00")
-    [message] = response.json()["messages"]
-    assert message["status"] == "skipped"
-    assert message["skip_reason"] == "moved"
+    response = put(client, cast, starts_at=day(2))
+    messages = [(m["rule"], m["status"], m["skip_reason"]) for m in response.json()["messages"]]
+    assert messages == [
+        ("72h", "skipped", "moved"),
+        ("24h:unconfirmed", "skipped", "moved"),
+        ("72h", "planned", None),
+        ("24h:unconfirmed", "planned", None),
+    ]
 
 
 def test_another_clinics_appointment_is_a_404(client: TestClient, cast: Cast) -> None:
@@ -238,7 +230,7 @@ def test_a_rotated_key_stops_working_at_once(client: TestClient, cast: Cast) -> 
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
-        ({"starts_at": "2026-11-24T09:30:00"}, "starts_at"),
+        ({"starts_at": day(time="09:30:00")}, "starts_at"),
         ({"starts_at": "next tuesday"}, "starts_at"),
         ({"duration_minutes": 0}, "duration_minutes"),
         ({"duration_minutes": -5}, "duration_minutes"),
@@ -418,7 +410,7 @@ def test_a_batch_applies_good_items_and_names_the_bad_ones(client: TestClient, c
         batch_item("B1"),
         batch_item("B2", duration_minutes=0),
         batch_item("B3", patient={"external_id": "P3", "phone": "123"}),
-        {"starts_at": "2026-11-24T09:30:00+01:00"},
+        {"starts_at": STARTS_AT},
         batch_item("B4", patient={"external_id": "P4", "phone": "07 81 23 45 67"}),
     ]
     response = client.post(

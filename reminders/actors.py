@@ -1,0 +1,85 @@
+"""Thin dramatiq actors: they take ids and call `dispatch`.
+
+`configure()` binds them to the broker of the settings (Redis, or in-process in embedded mode)
+and sets the clock, the provider and the rate limiter they use.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import dramatiq
+from dramatiq.brokers.stub import StubBroker
+
+from reminders import dispatch
+from reminders.broker import QUEUE, RateLimiter, make_broker
+from reminders.config import Settings
+from reminders.sms import Provider, provider_from_settings
+
+
+def real_clock() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    provider: Provider
+    limiter: dispatch.Limiter | None
+    clock: dispatch.Clock
+
+
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    if _runtime is None:
+        raise RuntimeError("reminders.actors.configure() was not called")
+    return _runtime
+
+
+def _retry_when(retries: int, exception: Exception) -> bool:
+    # Only transient send errors are retried here, briefly; longer waits go back to the row.
+    return isinstance(exception, dispatch.TransientSendError) and retries < MAX_RETRIES
+
+
+MAX_RETRIES = 5
+
+
+@dramatiq.actor(
+    broker=StubBroker(),  # a placeholder until configure() binds the real one
+    queue_name=QUEUE,
+    max_retries=MAX_RETRIES,
+    min_backoff=1_000,
+    max_backoff=30_000,
+    max_age=3_600_000,  # an hour: anything older is the sweep's business
+    time_limit=120_000,
+    retry_when=_retry_when,
+)
+def send_reminder(reminder_id: int) -> None:
+    state = runtime()
+    dispatch.send_one(reminder_id, state.clock, state.provider, state.settings, state.limiter)
+
+
+def configure(
+    settings: Settings,
+    *,
+    clock: dispatch.Clock = real_clock,
+    provider: Provider | None = None,
+    broker: dramatiq.Broker | None = None,
+    rate_limit: bool = True,
+) -> dramatiq.Broker:
+    """Binds the actors to a broker and sets what they send with; returns the broker."""
+    global _runtime
+    broker = broker or make_broker(settings)
+    dramatiq.set_broker(broker)
+    send_reminder.broker = broker
+    broker.declare_actor(send_reminder)
+    _runtime = Runtime(
+        settings=settings,
+        provider=provider or provider_from_settings(settings),
+        limiter=RateLimiter(settings, clock) if rate_limit else None,
+        clock=clock,
+    )
+    return broker

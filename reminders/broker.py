@@ -1,0 +1,53 @@
+"""The dramatiq broker: Redis in production, in-process in embedded mode; and the send rate
+limit shared by every worker (Redis-backed when Redis is set)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.rate_limits import RateLimiterBackend, WindowRateLimiter
+from dramatiq.rate_limits.backends import RedisBackend, StubBackend
+
+from reminders.config import Settings
+
+QUEUE = "sms"
+
+
+def make_broker(settings: Settings) -> dramatiq.Broker:
+    if settings.redis_url is None:
+        # Embedded mode: messages never leave the process (and are lost with it; the sweep
+        # queues again whatever was claimed and never finished).
+        return StubBroker()
+    return RedisBroker(url=settings.redis_url)  # type: ignore[no-untyped-call]
+
+
+class RateLimiter:
+    """At most `rate` sends per second across all workers (a sliding one-second window)."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], dt.datetime]) -> None:
+        backend: RateLimiterBackend
+        if settings.redis_url is not None:
+            backend = RedisBackend(url=settings.redis_url)
+        else:
+            backend = StubBackend()  # type: ignore[no-untyped-call]
+        rate = settings.send_rate
+        limit, window = (round(rate), 1) if rate >= 1 else (1, max(1, round(1 / rate)))
+        self._limiter = WindowRateLimiter(  # type: ignore[no-untyped-call]
+            backend, "reminders-sms", limit=limit, window=window
+        )
+        self._clock = clock
+
+    def wait(self, until: dt.datetime) -> bool:
+        """Blocks until a send is allowed; False if that would be after `until`."""
+        while True:
+            with self._limiter.acquire(raise_on_failure=False) as acquired:
+                if acquired:
+                    return True
+            if self._clock() >= until:
+                return False
+            time.sleep(0.02)  # throttling: a worker thread waits its turn

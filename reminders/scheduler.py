@@ -1,0 +1,58 @@
+"""APScheduler jobs: claim what is due and queue it. Nothing slow runs here."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from apscheduler.schedulers.base import BaseScheduler
+
+from reminders import actors, dispatch
+from reminders.db import session_scope
+
+log = logging.getLogger(__name__)
+TICK_SECONDS = 60
+BATCH = 1000
+
+
+def tick(clock: dispatch.Clock = actors.real_clock) -> list[int]:
+    """One pass: expire, sweep and claim in batches, queueing each batch once committed.
+    Returns the ids queued."""
+    now = clock()
+    with session_scope() as session:
+        dispatch.expire(session, now)
+        ids = dispatch.sweep(session, now)
+    dispatch.queue_all(ids, actors.send_reminder.send)
+    queued = list(ids)
+    while True:
+        with session_scope() as session:
+            ids = dispatch.claim_due(session, now, BATCH)
+        dispatch.queue_all(ids, actors.send_reminder.send)
+        queued += ids
+        if len(ids) < BATCH:
+            return queued
+
+
+def _tick_job() -> None:
+    try:
+        queued = tick()
+    except Exception:
+        log.exception("scheduler tick failed; the next one will try again")
+        return
+    if queued:
+        log.info("queued %d SMS", len(queued))
+
+
+def add_jobs(scheduler: BaseScheduler) -> BaseScheduler:
+    """The jobs every scheduler process runs; any number of processes may run them at once."""
+    scheduler.add_job(
+        _tick_job,
+        "interval",
+        seconds=TICK_SECONDS,
+        id="tick",
+        next_run_time=dt.datetime.now(dt.UTC),
+        coalesce=True,
+        misfire_grace_time=TICK_SECONDS * 5,
+        max_instances=1,
+    )
+    return scheduler

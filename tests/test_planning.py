@@ -1,0 +1,128 @@
+"""Planning reminder rows as appointments arrive, move and are cancelled (`now` is passed in)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import select
+
+from reminders import db
+from reminders.models import Appointment, Clinic
+from reminders.planning import Intake
+from reminders.schemas import AppointmentIn
+from tests.conftest import TEST_SECRET, Cast
+
+NOW = dt.datetime(2026, 11, 2, 9, 0, tzinfo=dt.UTC)
+
+
+def body(starts_at: str = "2026-11-12T09:30:00+01:00", **overrides: Any) -> AppointmentIn:
+    data: dict[str, Any] = {
+        "starts_at": starts_at,
+        "duration_minutes": 20,
+        "patient": {"external_id": "P1", "phone": "06 12 34 56 78", "language": "fr"},
+    }
+    data.update(overrides)
+    return AppointmentIn.model_validate(data)
+
+
+def push(cast: Cast, external_id: str, data: AppointmentIn, now: dt.datetime = NOW) -> list[Any]:
+    """Upserts in its own transaction; returns (rule, kind, status, skip_reason) per row."""
+    with db.session_scope() as session:
+        clinic = session.get(Clinic, cast.clinic_id)
+        assert clinic is not None
+        appointment = (
+            Intake(session, clinic, now, TEST_SECRET.encode()).upsert(external_id, data).appointment
+        )
+        session.flush()
+        return [(r.rule, r.kind, r.status, r.skip_reason) for r in appointment.reminders]
+
+
+def stored(external_id: str) -> Appointment:
+    with db.session_scope() as session:
+        found = session.scalars(select(Appointment).where(Appointment.external_id == external_id))
+        return found.one()
+
+
+def test_a_booking_plans_its_rules(cast: Cast) -> None:
+    assert push(cast, "A1", body()) == [
+        ("72h", "reminder", "planned", None),
+        ("24h:unconfirmed", "reminder", "planned", None),
+    ]
+
+
+def test_a_landline_a_missing_phone_and_a_past_appointment_plan_nothing(cast: Cast) -> None:
+    landline = {"external_id": "P2", "phone": "01 42 68 53 00"}
+    assert push(cast, "A1", body(patient=landline)) == []
+    assert push(cast, "A2", body(patient={"external_id": "P3"})) == []
+    assert push(cast, "A3", body("2026-10-01T09:30:00+02:00")) == []
+
+
+def test_a_cancelled_booking_skips_its_rows_and_a_rebooking_restores_them(cast: Cast) -> None:
+    push(cast, "A1", body())
+    assert {r[2:] for r in push(cast, "A1", body(status="cancelled"))} == {("skipped", "cancelled")}
+    assert {r[2:] for r in push(cast, "A1", body(status="booked"))} == {("planned", None)}
+
+
+def test_a_move_after_a_reminder_went_out_plans_one_moved_sms(cast: Cast) -> None:
+    push(cast, "A1", body())
+    with db.session_scope() as session:
+        first = stored("A1")
+        row = session.merge(first).reminders[0]
+        row.status, row.sent_at = "sent", NOW
+    later = NOW + dt.timedelta(days=7)  # 72h reminder went out; now the appointment moves
+    rows = push(cast, "A1", body("2026-11-20T15:00:00+01:00"), now=later)
+    assert rows == [
+        ("72h", "reminder", "sent", None),
+        ("24h:unconfirmed", "reminder", "skipped", "moved"),
+        ("moved", "moved", "planned", None),
+        ("72h", "reminder", "planned", None),
+        ("24h:unconfirmed", "reminder", "planned", None),
+    ]
+
+
+def test_a_move_before_any_reminder_just_replans(cast: Cast) -> None:
+    push(cast, "A1", body())
+    rows = push(cast, "A1", body("2026-11-20T15:00:00+01:00"))
+    assert [r for r in rows if r[2] == "planned"] == [
+        ("72h", "reminder", "planned", None),
+        ("24h:unconfirmed", "reminder", "planned", None),
+    ]
+
+
+def test_a_patient_who_gets_a_mobile_later_is_planned_then(cast: Cast) -> None:
+    assert push(cast, "A1", body(patient={"external_id": "P1"})) == []
+    later = dt.datetime(2026, 11, 11, 9, 0, tzinfo=dt.UTC)  # 24.5 h before: a late booking now
+    assert push(cast, "A1", body(), now=later) == [("late", "late", "planned", None)]
+
+
+def test_every_row_of_an_appointment_shares_one_link_token(cast: Cast) -> None:
+    push(cast, "A1", body())
+    push(cast, "A2", body(patient={"external_id": "P2", "phone": "07 81 23 45 67"}))
+    first, second = stored("A1"), stored("A2")
+    assert first.link_token is not None
+    assert second.link_token is not None
+    assert len(first.link_token) == 12
+    assert first.link_token != second.link_token
+
+
+def test_holdout_patients_get_no_rows_and_keep_their_arm(cast: Cast) -> None:
+    with db.session_scope() as session:
+        clinic = session.get(Clinic, cast.clinic_id)
+        assert clinic is not None
+        clinic.holdout = 0.5
+    arms = {}
+    for i in range(40):
+        patient = {"external_id": f"P{i}", "phone": "06 12 34 56 78"}
+        rows = push(cast, f"A{i}", body(patient=patient))
+        arms[i] = stored(f"A{i}").holdout
+        assert (rows == []) is arms[i]
+    assert 8 <= sum(bool(v) for v in arms.values()) <= 32  # a fair coin, not a constant
+    with db.session_scope() as session:
+        clinic = session.get(Clinic, cast.clinic_id)
+        assert clinic is not None
+        clinic.holdout = 0.0
+    # Same patient, new appointment: same arm while the share is unchanged...
+    # ...and an appointment already assigned never changes arm.
+    push(cast, "A0", body(location="Elsewhere"))
+    assert stored("A0").holdout == arms[0]
