@@ -26,6 +26,7 @@ from reminders import __version__
 from reminders.clinics import clinic_by_api_key
 from reminders.config import get_settings
 from reminders.db import session_scope
+from reminders.dispatch import sending_stopped
 from reminders.models import Appointment, Clinic
 from reminders.planning import Intake, IntakeError, Upserted
 from reminders.schemas import (
@@ -326,6 +327,10 @@ def readyz() -> JSONResponse:
         checks["database"] = "ok"
     except SQLAlchemyError as exc:
         checks["database"] = f"unreachable: {type(exc).__name__}"
+    if checks["database"] == "ok":
+        with session_scope() as session:
+            stopped = sending_stopped(session, _now())
+        checks["sms"] = "ok" if stopped is None else f"stopped: {stopped}"
     url = get_settings().redis_url
     if url is None:
         checks["redis"] = "not configured (embedded mode)"
@@ -336,7 +341,9 @@ def readyz() -> JSONResponse:
         except redis.RedisError as exc:
             checks["redis"] = f"unreachable: {type(exc).__name__}"
     failing = [
-        FieldError(field=k, reason=v) for k, v in checks.items() if v.startswith("unreachable")
+        FieldError(field=k, reason=v)
+        for k, v in checks.items()
+        if v.startswith(("unreachable", "stopped"))
     ]
     if failing:
         return problem_response(problem(503, "Service Unavailable", failing))

@@ -78,22 +78,17 @@ def prepare_database(config: Settings, *, auto_migrate: bool) -> None:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, stopping gracefully on SIGTERM/SIGINT and then returning (exit 0), where uvicorn
-    itself re-raises the signal once it has stopped."""
+    """uvicorn with our own SIGTERM/SIGINT handlers, installed as soon as the server exists (a
+    signal while the other parts start still stops cleanly), ending in exit 0 where uvicorn
+    itself would re-raise the signal once stopped."""
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle_exit)
 
     @contextmanager
     def capture_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {
-            sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)
-        }
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        yield  # the handlers above stay in place
 
 
 def _logging() -> None:
@@ -102,13 +97,13 @@ def _logging() -> None:
     )
 
 
-def serve(host: str, port: int) -> None:
+def make_server(host: str, port: int) -> _Server:
     from reminders.api import create_app
 
     _logging()
-    # In-flight requests finish, then we return.
     server = _Server(uvicorn.Config(create_app(), host=host, port=port, access_log=False))
-    server.run()
+    server.install_signal_handlers()
+    return server
 
 
 def _until_signal() -> None:
@@ -120,7 +115,9 @@ def _until_signal() -> None:
 
 
 def _worker(broker: dramatiq.Broker, threads: int) -> dramatiq.Worker:
-    worker = dramatiq.Worker(broker, worker_threads=threads, queues={QUEUE})
+    # In-process queues are cheap to poll: a short timeout makes stopping quick.
+    timeout = 100 if isinstance(broker, StubBroker) else 1000
+    worker = dramatiq.Worker(broker, worker_threads=threads, queues={QUEUE}, worker_timeout=timeout)
     worker.start()
     return worker
 
@@ -130,11 +127,12 @@ def run(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
     """HTTP API, scheduler and worker in one process (embedded defaults need nothing else)."""
     config = settings()
     prepare_database(config, auto_migrate=True)
+    server = make_server(host, port)
     worker = _worker(actors.configure(config), threads=4)
     jobs = scheduler.add_jobs(BackgroundScheduler(timezone=dt.UTC))
     jobs.start()
     try:
-        serve(host, port)
+        server.run()  # until SIGTERM/SIGINT: in-flight requests finish, then we return
     finally:
         jobs.shutdown(wait=False)
         worker.stop(timeout=10_000)
@@ -145,7 +143,7 @@ def api(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
     """The HTTP API alone (production: run `reminders migrate` first)."""
     config = settings()
     prepare_database(config, auto_migrate=False)
-    serve(host, port)
+    make_server(host, port).run()
 
 
 def _needs_redis(part: str) -> Settings:

@@ -22,6 +22,8 @@ from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Select
 
@@ -177,11 +179,13 @@ def stop_sending(session: Session, now: dt.datetime, reason: str) -> None:
     value = json.dumps(
         {"reason": reason, "since": now.isoformat(), "until": (now + STOP_PAUSE).isoformat()}
     )
-    row = session.get(AppSetting, _STOP_KEY)
-    if row is None:
-        session.add(AppSetting(key=_STOP_KEY, value=value))
-    else:
-        row.value = value
+    # Several workers may hit the same error at once: an upsert, not a read-then-write.
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    session.execute(
+        insert(AppSetting)
+        .values(key=_STOP_KEY, value=value)
+        .on_conflict_do_update(index_elements=["key"], set_={"value": value})
+    )
     log.critical(
         "ALL SMS SENDING STOPPED: %s; reminders stay pending, retrying at %s",
         reason,
@@ -220,9 +224,29 @@ def skip_reason(
         return "not_sms_capable"
     if now > reminder.send_by:
         return "deadline"
+    if superseded(session, reminder, now):
+        return "superseded"
     if opted_out(session, patient.phone_e164, sender_of(clinic)):
         return "opted_out"
     return None
+
+
+def superseded(session: Session, reminder: Reminder, now: dt.datetime) -> bool:
+    """A later send for the same booking is due too (we were down, or paused): only the latest
+    goes, never a burst."""
+    later = session.scalar(
+        select(Reminder.id)
+        .where(
+            Reminder.appointment_id == reminder.appointment_id,
+            Reminder.appointment_starts_at == reminder.appointment_starts_at,
+            Reminder.id != reminder.id,
+            Reminder.due_at > reminder.due_at,
+            Reminder.due_at <= now,
+            Reminder.status.in_(("planned", "queued")),
+        )
+        .limit(1)
+    )
+    return later is not None
 
 
 def sender_of(clinic: Clinic) -> str:

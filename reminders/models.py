@@ -67,8 +67,9 @@ class Clinic(Timestamps, Base):
     sender: Mapped[str | None] = mapped_column(String(20))
     # "72h,24h:unconfirmed": offsets before the start, optionally only while unconfirmed.
     rules: Mapped[str] = mapped_column(String(200), default="72h,24h:unconfirmed")
-    quiet_start: Mapped[dt.time | None] = mapped_column(Time, default=dt.time(20, 0))
-    quiet_end: Mapped[dt.time | None] = mapped_column(Time, default=dt.time(8, 0))
+    # Both None: no quiet hours (clinics.create_clinic sets the 20:00-08:00 default).
+    quiet_start: Mapped[dt.time | None] = mapped_column(Time)
+    quiet_end: Mapped[dt.time | None] = mapped_column(Time)
     deadline_minutes: Mapped[int] = mapped_column(Integer, default=120)
     holdout: Mapped[float] = mapped_column(Float, default=0.0)
     go_live: Mapped[dt.date | None] = mapped_column(Date)

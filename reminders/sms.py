@@ -204,12 +204,16 @@ install_log_filter()
 
 
 class ConsoleProvider:
-    """Sends nothing: prints one line per SMS, number masked (the caller records the row)."""
+    """Sends nothing: prints one line per SMS, number masked (the caller records the row).
+
+    It prints to stderr by default: stdout carries commands' results (`--json`).
+    """
 
     name: str = "console"
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self._stream = stream
+        self._lock = threading.Lock()
 
     def send(self, *, to: str, sender: str, text: str, client_ref: str, ttl: dt.timedelta) -> Sent:
         segments = count_segments(text)
@@ -221,7 +225,10 @@ class ConsoleProvider:
             f"SMS {message_id} to {mask_phone(to)} from {sender} "
             f"({segments.encoding}, {parts} {plural}): {one_line}"
         )
-        print(line, file=self._stream or sys.stdout, flush=True)
+        stream = self._stream or sys.stderr
+        with self._lock:  # one write per line: worker threads must not interleave
+            stream.write(line + "\n")
+            stream.flush()
         return Sent(message_id=message_id, message_ids=(message_id,), price=None, parts=parts)
 
 

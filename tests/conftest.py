@@ -112,17 +112,12 @@ def _truncate(url: str) -> None:
     engine.dispose()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database(
-    request: pytest.FixtureRequest,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-    sqlite_template: Path,
+def _use_database(
+    kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> Iterator[str]:
-    """A migrated, empty database for this test, set as REMINDERS_DATABASE_URL."""
-    if request.param == "sqlite":
+    if kind == "sqlite":
         path = tmp_path / "reminders.db"
-        shutil.copy(sqlite_template, path)
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
         url = f"sqlite:///{path}"
     else:
         url = request.getfixturevalue("postgres_base")
@@ -131,8 +126,24 @@ def database(
     db.reset()
     yield url
     db.reset()
-    if request.param == "postgresql":
+    if kind == "postgresql":
         _truncate(url)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[str]:
+    """A migrated, empty database for this test, set as REMINDERS_DATABASE_URL."""
+    yield from _use_database(request.param, request, monkeypatch, tmp_path)
+
+
+@pytest.fixture
+def pg_database(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[str]:
+    """The same, on PostgreSQL only (tests of production set-ups)."""
+    yield from _use_database("postgresql", request, monkeypatch, tmp_path)
 
 
 @dataclass(frozen=True)

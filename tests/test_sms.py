@@ -426,10 +426,12 @@ def test_the_console_prints_the_masked_number_never_the_full_one() -> None:
     assert sent.parts == 1
 
 
-def test_the_console_prints_to_stdout_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_console_prints_to_stderr_by_default(capsys: pytest.CaptureFixture[str]) -> None:
     ConsoleProvider().send(to=PHONE, sender="Clinique", text="Привет", client_ref="r", ttl=HOUR)
 
-    assert "to +33*******78 from Clinique (UCS-2, 1 part): Привет" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "to +33*******78 from Clinique (UCS-2, 1 part): Привет" in captured.err
+    assert captured.out == ""
 
 
 @pytest.mark.parametrize(
