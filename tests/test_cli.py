@@ -240,3 +240,102 @@ def test_migrate_upgrades_an_empty_database(tmp_path: Any, monkeypatch: pytest.M
     assert result.exit_code == 0
     assert json.loads(result.stdout) == {"migrated": True}
     assert db.schema_is_current(db.get_engine())
+
+
+def test_template_check_prints_every_language_and_kind(database: str) -> None:
+    result = invoke("template", "check", "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)["texts"]
+    assert {(r["language"], r["kind"]) for r in rows} >= {
+        (lang, kind)
+        for lang in ("en", "fr", "ru", "zh")
+        for kind in ("reminder", "late", "moved", "ack")
+    }
+    french = next(r for r in rows if (r["language"], r["kind"]) == ("fr", "reminder"))
+    assert (french["encoding"], french["segments"]) == ("GSM-7", 1)
+    human = invoke("template", "check")
+    assert "UCS-2" in human.stdout
+    assert "GSM-7" in human.stdout
+
+
+def test_template_set_stores_a_clinic_text_used_by_check(database: str, tmp_path: Any) -> None:
+    clinic_id = str(add_clinic("--sender", "+33939000000")["id"])
+    source = tmp_path / "reminder.txt"
+    source.write_text("{{ clinic }} : RDV le {{ date }} à {{ time }}. {{ reply }} {{ link }}\n")
+    result = invoke(
+        "template",
+        "set",
+        "--clinic",
+        clinic_id,
+        "--language",
+        "fr",
+        "--kind",
+        "reminder",
+        str(source),
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    stored = json.loads(result.stdout)
+    assert stored["encoding"] == "GSM-7"
+    assert "Répondez 1" in stored["sample"]
+    rows = json.loads(invoke("template", "check", "--clinic", clinic_id, "--json").stdout)["texts"]
+    own = [r for r in rows if r["own"]]
+    assert [(r["language"], r["kind"]) for r in own] == [("fr", "reminder")]
+    assert own[0]["text"].startswith("Clinique du Parc : RDV le") or "RDV le" in own[0]["text"]
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("Hello {{ clinic }}", "link"),
+        ("{{ patient_name }} {{ link }}", "patient_name"),
+        ("{{ link }} {% if %}", "line 1"),
+        ("{{ ''.__class__.__mro__ }} {{ link }}", ""),
+    ],
+)
+def test_template_set_refuses_a_bad_text_with_exit_1(
+    database: str, tmp_path: Any, text: str, reason: str
+) -> None:
+    clinic_id = str(add_clinic()["id"])
+    source = tmp_path / "bad.txt"
+    source.write_text(text)
+    result = invoke(
+        "template",
+        "set",
+        "--clinic",
+        clinic_id,
+        "--language",
+        "en",
+        "--kind",
+        "reminder",
+        str(source),
+    )
+    assert result.exit_code == 1
+    assert "refused" in result.stderr
+    assert reason.lower() in result.stderr.lower()
+    rows = json.loads(invoke("template", "check", "--clinic", clinic_id, "--json").stdout)["texts"]
+    assert not any(r["own"] for r in rows)
+
+
+def test_template_set_refuses_an_unknown_language_or_kind(database: str, tmp_path: Any) -> None:
+    clinic_id = str(add_clinic()["id"])
+    source = tmp_path / "t.txt"
+    source.write_text("{{ link }}")
+    bad_language = invoke(
+        "template",
+        "set",
+        "--clinic",
+        clinic_id,
+        "--language",
+        "de",
+        "--kind",
+        "reminder",
+        str(source),
+    )
+    assert bad_language.exit_code == 2
+    assert "--language" in bad_language.stderr
+    bad_kind = invoke(
+        "template", "set", "--clinic", clinic_id, "--language", "fr", "--kind", "promo", str(source)
+    )
+    assert bad_kind.exit_code == 2
+    assert "--kind" in bad_kind.stderr

@@ -17,10 +17,12 @@ import dramatiq
 import pytest
 import time_machine
 from dramatiq.brokers.stub import StubBroker
+from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import select
 
 from reminders import actors, db, dispatch, scheduler
+from reminders.api import create_app
 from reminders.broker import QUEUE, RateLimiter
 from reminders.config import Settings, get_settings
 from reminders.models import Appointment, Clinic, Event, OptOut, Reminder
@@ -391,6 +393,13 @@ def test_credentials_or_credit_errors_stop_all_sending_and_keep_reminders_pendin
     assert {s for (s,) in statuses("status")} == {"planned"}
     with db.session_scope() as session:
         assert dispatch.sending_stopped(session, DUE_72H) is not None
+    with (
+        time_machine.travel(DUE_72H + dt.timedelta(minutes=1), tick=False),
+        TestClient(create_app()) as client,
+    ):
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["errors"][0]["field"] == "sms"
     assert sending.tick(DUE_72H + dt.timedelta(minutes=1)) == []
     server.reset()  # the account is fixed; forget any error reply left unused
     sending.tick(DUE_72H + dispatch.STOP_PAUSE)  # tried again once the pause is over
