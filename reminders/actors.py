@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import dramatiq
 from dramatiq.brokers.stub import StubBroker
 
-from reminders import dispatch
-from reminders.broker import QUEUE, RateLimiter, make_broker
+from reminders import dispatch, events
+from reminders.broker import QUEUE, WEBHOOK_QUEUE, RateLimiter, make_broker
 from reminders.config import Settings
 from reminders.sms import Provider, provider_from_settings
 
@@ -62,6 +62,20 @@ def send_reminder(reminder_id: int) -> None:
     dispatch.send_one(reminder_id, state.clock, state.provider, state.settings, state.limiter)
 
 
+@dramatiq.actor(
+    broker=StubBroker(),
+    queue_name=WEBHOOK_QUEUE,
+    max_retries=0,  # retried through the event row, with backoff, for 24 h
+    max_age=3_600_000,
+    time_limit=60_000,
+)
+def deliver_event(event_id: int) -> None:
+    events.deliver(event_id, runtime().clock)
+
+
+ACTORS = (send_reminder, deliver_event)
+
+
 def configure(
     settings: Settings,
     *,
@@ -74,8 +88,9 @@ def configure(
     global _runtime
     broker = broker or make_broker(settings)
     dramatiq.set_broker(broker)
-    send_reminder.broker = broker
-    broker.declare_actor(send_reminder)
+    for actor in ACTORS:
+        actor.broker = broker
+        broker.declare_actor(actor)
     _runtime = Runtime(
         settings=settings,
         provider=provider or provider_from_settings(settings),

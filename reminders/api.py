@@ -11,18 +11,18 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 import redis
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from reminders import __version__
+from reminders import __version__, events, links, replies, webhooks
 from reminders.clinics import clinic_by_api_key
 from reminders.config import get_settings
 from reminders.db import session_scope
@@ -291,6 +291,22 @@ def cancel_appointment(external_id: str, clinic_id: ClinicId) -> AppointmentOut:
     return _transaction(work, clinic_id)
 
 
+@router.post("/appointments/{external_id:path}/confirm", response_model=AppointmentOut)
+def confirm_appointment(external_id: str, clinic_id: ClinicId) -> AppointmentOut:
+    """Staff took the patient's confirmation by phone: recorded like the patient's own (no SMS
+    is sent back). A patient's cancellation is final and stays."""
+
+    def work(session: Session, clinic: Clinic) -> AppointmentOut:
+        appointment = Intake(session, clinic, _now(), _secret()).appointment(external_id)
+        if appointment is None:
+            raise _not_found(external_id)
+        decision = replies.decide(session, appointment, "confirm", "staff", _now())
+        session.refresh(appointment)
+        return AppointmentOut.of(appointment, "updated" if decision.changed else "unchanged")
+
+    return _transaction(work, clinic_id)
+
+
 @router.get("/appointments/{external_id:path}", response_model=AppointmentOut)
 def get_appointment(external_id: str, clinic_id: ClinicId) -> AppointmentOut:
     """An appointment with its patient, answer and messages. Another clinic's is a 404."""
@@ -304,6 +320,34 @@ def get_appointment(external_id: str, clinic_id: ClinicId) -> AppointmentOut:
         if appointment is None:
             raise _not_found(external_id)
         return AppointmentOut.of(appointment)
+
+    return _transaction(work, clinic_id)
+
+
+class EventOut(BaseModel):
+    id: int
+    type: str
+    at: str
+    appointment: str | None
+    data: dict[str, Any]
+
+
+class EventsOut(BaseModel):
+    events: list[EventOut]
+    next: int = Field(description="pass it as `after` to read on; never skips a late commit")
+
+
+@router.get("/events", response_model=EventsOut, tags=["events"])
+def list_events(
+    clinic_id: ClinicId,
+    after: Annotated[int, Query(ge=0, description="the last event id already read")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> EventsOut:
+    """The clinic's events after `after`, oldest first."""
+
+    def work(session: Session, clinic: Clinic) -> EventsOut:
+        rows, cursor = events.feed(session, clinic.id, after, limit)
+        return EventsOut(events=[EventOut(**events.envelope(e)) for e in rows], next=cursor)
 
     return _transaction(work, clinic_id)
 
@@ -389,7 +433,9 @@ def create_app() -> FastAPI:
         summary="Two-way SMS appointment reminders: push appointments, read the patients' answers.",
     )
     app.include_router(router)
+    app.include_router(webhooks.router)
     app.include_router(health)
+    app.include_router(links.router)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(ProblemError, _on_problem)
     app.add_exception_handler(HTTPException, _on_http_error)

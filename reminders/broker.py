@@ -16,6 +16,7 @@ from dramatiq.rate_limits.backends import RedisBackend, StubBackend
 from reminders.config import Settings
 
 QUEUE = "sms"
+WEBHOOK_QUEUE = "webhooks"  # apart, so a slow clinic endpoint never holds up SMS
 
 
 def make_broker(settings: Settings) -> dramatiq.Broker:
@@ -51,3 +52,29 @@ class RateLimiter:
             if self._clock() >= until:
                 return False
             time.sleep(0.02)  # throttling: a worker thread waits its turn
+
+
+def install(settings: Settings) -> dramatiq.Broker:
+    """Makes the settings' broker the process's own (for processes that only enqueue)."""
+    broker = make_broker(settings)
+    dramatiq.set_broker(broker)
+    return broker
+
+
+def enqueue_sends(ids: list[int]) -> None:
+    """Queues `send_reminder` for rows already `queued` (answers to patients, sent at once).
+
+    Feature modules call this instead of importing the actors; losing a message is safe, since
+    the scheduler's sweep queues again whatever stays `queued`.
+    """
+    broker = dramatiq.get_broker()
+    for reminder_id in ids:
+        broker.enqueue(
+            dramatiq.Message(
+                queue_name=QUEUE,
+                actor_name="send_reminder",
+                args=(reminder_id,),
+                kwargs={},
+                options={},
+            )
+        )

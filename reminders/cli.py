@@ -24,8 +24,8 @@ from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from reminders import actors, clinics, db, dispatch, scheduler, texts
-from reminders.broker import QUEUE
+from reminders import actors, broker, clinics, db, dispatch, scheduler, texts
+from reminders.broker import QUEUE, WEBHOOK_QUEUE
 from reminders.config import ConfigError, Settings, get_settings
 from reminders.models import Clinic
 from reminders.security import secret_key
@@ -117,7 +117,9 @@ def _until_signal() -> None:
 def _worker(broker: dramatiq.Broker, threads: int) -> dramatiq.Worker:
     # In-process queues are cheap to poll: a short timeout makes stopping quick.
     timeout = 100 if isinstance(broker, StubBroker) else 1000
-    worker = dramatiq.Worker(broker, worker_threads=threads, queues={QUEUE}, worker_timeout=timeout)
+    worker = dramatiq.Worker(
+        broker, worker_threads=threads, queues={QUEUE, WEBHOOK_QUEUE}, worker_timeout=timeout
+    )
     worker.start()
     return worker
 
@@ -143,6 +145,7 @@ def api(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
     """The HTTP API alone (production: run `reminders migrate` first)."""
     config = settings()
     prepare_database(config, auto_migrate=False)
+    broker.install(config)  # answers to patients are queued straight from the webhooks
     make_server(host, port).run()
 
 
@@ -206,6 +209,7 @@ def tick(
     if running is not None:
         assert isinstance(broker, StubBroker)
         broker.join(QUEUE, fail_fast=False)
+        broker.join(WEBHOOK_QUEUE, fail_fast=False)
         running.join()
         running.stop()
     outcomes = dispatch.outcomes(ids)

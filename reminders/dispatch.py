@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -30,7 +30,16 @@ from sqlalchemy.sql import Select
 from reminders import events, schedule, texts
 from reminders.config import Settings
 from reminders.db import session_scope
-from reminders.models import Appointment, AppSetting, Clinic, OptOut, Reminder, Template
+from reminders.models import (
+    ANSWER_KINDS,
+    Appointment,
+    AppSetting,
+    Clinic,
+    DeliveryReceipt,
+    OptOut,
+    Reminder,
+    Template,
+)
 from reminders.planning import WENT_OUT, clinic_timing
 from reminders.sms import OutcomeUnknown, Provider, SmsError, mask_phone
 
@@ -77,7 +86,11 @@ def _due(now: dt.datetime, limit: int) -> Select[Any]:
     return (
         select(Reminder.id)
         .join(Clinic, Clinic.id == Reminder.clinic_id)
-        .where(Reminder.status == "planned", Reminder.due_at <= now, Clinic.paused.is_(False))
+        .where(
+            Reminder.status == "planned",
+            Reminder.due_at <= now,
+            or_(Clinic.paused.is_(False), Reminder.kind.in_(ANSWER_KINDS)),
+        )
         .order_by(Reminder.due_at)
         .limit(limit)
     )
@@ -107,7 +120,9 @@ def claim_due(session: Session, now: dt.datetime, limit: int = 1000) -> list[int
     """Claims up to `limit` due reminders of unpaused clinics, within each clinic's daily cap."""
     if sending_stopped(session, now) is not None:
         return []
-    claimed = _claim(session, _due(now, limit).where(Clinic.daily_cap.is_(None)), now)
+    # Answers to patients are not reminders: no cap holds them back.
+    uncapped = or_(Clinic.daily_cap.is_(None), Reminder.kind.in_(ANSWER_KINDS))
+    claimed = _claim(session, _due(now, limit).where(uncapped), now)
     capped = session.scalars(
         select(Clinic).where(Clinic.daily_cap.is_not(None), Clinic.paused.is_(False))
     )
@@ -115,7 +130,10 @@ def claim_due(session: Session, now: dt.datetime, limit: int = 1000) -> list[int
         assert clinic.daily_cap is not None
         room = min(clinic.daily_cap - used_today(session, clinic, now), limit - len(claimed))
         if room > 0:
-            claimed += _claim(session, _due(now, room).where(Clinic.id == clinic.id), now)
+            capped_due = _due(now, room).where(
+                Clinic.id == clinic.id, Reminder.kind.not_in(ANSWER_KINDS)
+            )
+            claimed += _claim(session, capped_due, now)
     return claimed
 
 
@@ -263,20 +281,24 @@ def opted_out(session: Session, phone: str, sender: str) -> bool:
 def render(
     session: Session,
     reminder: Reminder,
-    appointment: Appointment,
+    appointment: Appointment | None,
     clinic: Clinic,
     settings: Settings,
+    now: dt.datetime,
 ) -> str:
-    patient = appointment.patient
-    source = session.scalar(
-        select(Template.source).where(
-            Template.clinic_id == clinic.id,
-            Template.kind == reminder.kind,
-            Template.language == patient.language,
+    """The SMS text: the clinic's own template for this kind and language, else the built-in."""
+    language = appointment.patient.language if appointment is not None else clinic.language
+    source = None
+    if reminder.kind in texts.TEMPLATE_KINDS:
+        source = session.scalar(
+            select(Template.source).where(
+                Template.clinic_id == clinic.id,
+                Template.kind == reminder.kind,
+                Template.language == language,
+            )
         )
-    )
     old_start = None
-    if reminder.kind == "moved":
+    if reminder.kind == "moved" and appointment is not None:
         old_start = session.scalar(
             select(Reminder.appointment_starts_at)
             .where(
@@ -287,19 +309,47 @@ def render(
             .order_by(Reminder.id.desc())
             .limit(1)
         )
+    token = appointment.link_token if appointment is not None else None
     context = texts.MessageContext(
         clinic=clinic.name,
         timezone=clinic.timezone,
-        language=patient.language,
-        starts_at=appointment.starts_at,
-        link=f"{settings.public_url}/c/{appointment.link_token}",
+        language=language,
+        starts_at=appointment.starts_at if appointment is not None else now,
+        link=f"{settings.public_url}/c/{token}" if token else settings.public_url,
         two_way=sender_of(clinic).startswith("+"),
-        practitioner=appointment.practitioner,
-        location=appointment.location,
+        practitioner=appointment.practitioner if appointment is not None else None,
+        location=appointment.location if appointment is not None else None,
         old_starts_at=old_start,
+        decision=reminder.rule.partition(":")[2] if reminder.kind == "ack" else None,
     )
     text: str = texts.render(reminder.kind, context, source)
     return text
+
+
+def _check(
+    session: Session, reminder: Reminder, clinic: Clinic, now: dt.datetime
+) -> str | dt.datetime | None:
+    """None to send now; a reason to skip; or the time to wait for (quiet hours)."""
+    if reminder.kind in ANSWER_KINDS:
+        # The patient wrote to us: answer at any hour, but not late, and not after a STOP
+        # (the opt-out confirmation itself excepted).
+        if now > reminder.send_by:
+            return "deadline"
+        if reminder.kind != "opted_out" and opted_out(
+            session, reminder.phone_e164, sender_of(clinic)
+        ):
+            return "opted_out"
+        return None
+    appointment = reminder.appointment
+    assert appointment is not None
+    reason = skip_reason(session, reminder, appointment, clinic, now)
+    if reason is not None:
+        return reason
+    timing = clinic_timing(clinic)
+    if schedule.in_quiet_hours(now, timing.zone, timing.quiet):
+        later = schedule.quiet_end_after(now, timing.zone, timing.quiet)
+        return "quiet_hours" if later > reminder.send_by else later
+    return None
 
 
 def prepare(
@@ -309,29 +359,25 @@ def prepare(
     reminder = session.get(Reminder, reminder_id)
     if reminder is None or reminder.status != "queued":
         return "not_queued"  # someone else has it, or it is done
-    appointment = reminder.appointment
-    assert appointment is not None
     clinic = session.get(Clinic, reminder.clinic_id)
     assert clinic is not None
-    reason = skip_reason(session, reminder, appointment, clinic, now)
-    if reason is not None:
-        reminder.status, reminder.skip_reason = "skipped", reason
-        return reason
-    if clinic.paused or sending_stopped(session, now) is not None:
+    check = _check(session, reminder, clinic, now)
+    if isinstance(check, str):
+        reminder.status, reminder.skip_reason = "skipped", check
+        return check
+    paused = clinic.paused and reminder.kind not in ANSWER_KINDS
+    if paused or sending_stopped(session, now) is not None:
         reminder.status = "planned"  # waits, within its deadline
         return "waiting"
-    timing = clinic_timing(clinic)
-    if schedule.in_quiet_hours(now, timing.zone, timing.quiet):
-        later = schedule.quiet_end_after(now, timing.zone, timing.quiet)
-        if later > reminder.send_by:
-            reminder.status, reminder.skip_reason = "skipped", "quiet_hours"
-            return "quiet_hours"
-        reminder.status, reminder.due_at = "planned", later
+    if check is not None:
+        reminder.status, reminder.due_at = "planned", check
         return "quiet_hours"
-    text = render(session, reminder, appointment, clinic, settings)
+    appointment = reminder.appointment
+    text = render(session, reminder, appointment, clinic, settings, now)
     segments = texts.count_segments(text)
-    phone = appointment.patient.phone_e164
-    assert phone is not None
+    phone = reminder.phone_e164
+    if appointment is not None and reminder.kind not in ANSWER_KINDS:
+        phone = appointment.patient.phone_e164 or phone  # the patient's number as of now
     marked = session.execute(
         update(Reminder)
         .where(Reminder.id == reminder_id, Reminder.status == "queued")
@@ -468,6 +514,7 @@ def send_one(
             price=sent.price,
             error=None,
         )
+        apply_waiting_receipts(session, reminder_id, sent.message_ids, clock())
     return "sent"
 
 
@@ -529,3 +576,127 @@ def outcomes(ids: Sequence[int]) -> dict[str, int]:
                 key = f"{status} ({reason})" if reason else status
                 counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+# --- delivery receipts ---------------------------------------------------------------------------
+
+# How far along a receipt status is: a receipt only ever moves a message forward.
+_RECEIPT_RANK = {
+    "unknown": 0,
+    "accepted": 1,
+    "buffered": 1,
+    "delivered": 2,
+    "expired": 2,
+    "failed": 2,
+    "rejected": 2,
+}
+_RECEIPT_OPT_OUT = "9"  # err-code recorded as the recipient's opt-out (issue 4)
+
+
+def _reminder_for(
+    session: Session, message_id: str | None, client_ref: str | None
+) -> Reminder | None:
+    if client_ref and client_ref.startswith("r") and client_ref[1:].isdigit():
+        found = session.get(Reminder, int(client_ref[1:]))
+        if found is not None:
+            return found
+    if message_id:
+        return session.scalar(
+            select(Reminder).where(Reminder.provider_message_id == message_id).limit(1)
+        )
+    return None
+
+
+def apply_receipt(
+    session: Session,
+    *,
+    message_id: str | None,
+    client_ref: str | None,
+    status: str,
+    err_code: str | None,
+    price: float | None,
+    now: dt.datetime,
+) -> str:
+    """Records a delivery receipt and moves its message's delivery status forward (a repeat or
+    an older status changes nothing). Returns what happened."""
+    status = status.lower()
+    reminder = _reminder_for(session, message_id, client_ref)
+    session.add(
+        DeliveryReceipt(
+            provider_message_id=message_id,
+            client_ref=client_ref,
+            status=status[:16],
+            err_code=err_code,
+            price=price,
+            received_at=now,
+            reminder_id=reminder.id if reminder is not None else None,
+        )
+    )
+    if reminder is None:
+        return "unmatched"  # kept: applied when a send with this message id is recorded
+    return _settle(session, reminder, status, err_code, price, message_id, now)
+
+
+def _settle(
+    session: Session,
+    reminder: Reminder,
+    status: str,
+    err_code: str | None,
+    price: float | None,
+    message_id: str | None,
+    now: dt.datetime,
+) -> str:
+    current = _RECEIPT_RANK.get(reminder.delivery_status or "", -1)
+    rank = _RECEIPT_RANK.get(status, 0)
+    if rank <= current and reminder.status != "unknown":
+        return "unchanged"
+    if rank > current:
+        reminder.delivery_status = status
+        reminder.delivery_error = err_code if err_code not in (None, "0") else None
+        if status == "delivered":
+            reminder.delivered_at = now
+    if reminder.status == "unknown":
+        # The send whose answer we lost did reach Vonage: settle it, never resend it.
+        reminder.status = "failed" if status in ("failed", "rejected", "expired") else "sent"
+        reminder.sent_at = reminder.sent_at or now
+        reminder.provider_message_id = reminder.provider_message_id or message_id
+    if reminder.price is None and price is not None:
+        reminder.price = price
+    if err_code == _RECEIPT_OPT_OUT:
+        clinic = session.get(Clinic, reminder.clinic_id)
+        assert clinic is not None
+        sender = sender_of(clinic)
+        if not opted_out(session, reminder.phone_e164, sender):
+            session.add(OptOut(phone_e164=reminder.phone_e164, sender=sender, source="receipt"))
+    return "applied"
+
+
+def apply_waiting_receipts(
+    session: Session, reminder_id: int, message_ids: Sequence[str], now: dt.datetime
+) -> None:
+    """Receipts that arrived (by message id alone) before the send was recorded."""
+    if not message_ids:
+        return
+    waiting = list(
+        session.scalars(
+            select(DeliveryReceipt)
+            .where(
+                DeliveryReceipt.provider_message_id.in_(message_ids),
+                DeliveryReceipt.reminder_id.is_(None),
+            )
+            .order_by(DeliveryReceipt.id)
+        )
+    )
+    reminder = session.get(Reminder, reminder_id)
+    assert reminder is not None
+    for receipt in waiting:
+        receipt.reminder_id = reminder_id
+        _settle(
+            session,
+            reminder,
+            receipt.status,
+            receipt.err_code,
+            receipt.price,
+            receipt.provider_message_id,
+            now,
+        )

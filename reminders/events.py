@@ -8,12 +8,21 @@ with a transaction-scoped advisory lock, so ids of one clinic commit in order (D
 from __future__ import annotations
 
 import datetime as dt
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+import httpx
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, aliased
 
-from reminders.models import Event
+from reminders.db import session_scope
+from reminders.models import Clinic, Event
+from reminders.security import sign
+
+log = logging.getLogger(__name__)
 
 EVENT_TYPES = (
     "appointment.confirmed",
@@ -36,18 +45,160 @@ def record(
     appointment: str | None = None,
     data: dict[str, Any] | None = None,
 ) -> Event:
-    """Appends an event in the caller's transaction."""
+    """Appends an event in the caller's transaction (and its webhook delivery, if any)."""
     if type_ not in EVENT_TYPES:
         raise ValueError(f"unknown event type {type_!r}")
     if session.get_bind().dialect.name == "postgresql":
         session.execute(select(func.pg_advisory_xact_lock(_LOCK_NAMESPACE, clinic_id)))
+    has_webhook = session.scalar(select(Clinic.webhook_url).where(Clinic.id == clinic_id))
     event = Event(
         clinic_id=clinic_id,
         type=type_,
         at=now,
         appointment_external_id=appointment,
         data=data or {},
+        webhook_status="pending" if has_webhook else "none",
+        webhook_next_at=now if has_webhook else None,
+        webhook_attempts=0,
     )
     session.add(event)
     session.flush()
     return event
+
+
+def envelope(event: Event) -> dict[str, Any]:
+    """An event as the feed and the webhook show it."""
+    return {
+        "id": event.id,
+        "type": event.type,
+        "at": event.at.isoformat().replace("+00:00", "Z"),
+        "appointment": event.appointment_external_id,
+        "data": event.data,
+    }
+
+
+def feed(session: Session, clinic_id: int, after: int, limit: int) -> tuple[list[Event], int]:
+    """The clinic's events after id `after`, oldest first, and the `next` cursor."""
+    rows = list(
+        session.scalars(
+            select(Event)
+            .where(Event.clinic_id == clinic_id, Event.id > after)
+            .order_by(Event.id)
+            .limit(limit)
+        )
+    )
+    return rows, rows[-1].id if rows else after
+
+
+# --- delivery to the clinic's webhook ------------------------------------------------------------
+
+WEBHOOK_WINDOW = dt.timedelta(hours=24)  # retried with backoff for this long, then failed
+WEBHOOK_LEASE = dt.timedelta(minutes=2)  # a delivery in flight longer than this was lost
+WEBHOOK_TIMEOUT = 10.0
+
+
+def claim_webhooks(session: Session, now: dt.datetime, limit: int = 200) -> list[int]:
+    """Claims events due for delivery, in order per appointment: an event waits while an
+    earlier one of the same appointment is undelivered. A claim whose lease ran out (its worker
+    died) is claimed again."""
+    earlier = aliased(Event)
+    blocked = (
+        select(earlier.id)
+        .where(
+            earlier.clinic_id == Event.clinic_id,
+            earlier.appointment_external_id == Event.appointment_external_id,
+            earlier.id < Event.id,
+            earlier.webhook_status.in_(("pending", "sending")),
+        )
+        .exists()
+    )
+    due = (
+        select(Event.id)
+        .where(
+            Event.webhook_status.in_(("pending", "sending")),
+            Event.webhook_next_at <= now,
+            ~blocked,
+        )
+        .order_by(Event.id)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        due = due.with_for_update(skip_locked=True, of=Event)
+    statement = (
+        update(Event)
+        .where(Event.id.in_(due.scalar_subquery()))
+        .values(webhook_status="sending", webhook_next_at=now + WEBHOOK_LEASE)
+        .returning(Event.id)
+        .execution_options(synchronize_session=False)
+    )
+    return list(session.scalars(statement))
+
+
+@dataclass(frozen=True)
+class Delivery:
+    event_id: int
+    url: str
+    body: bytes
+    headers: dict[str, str]
+
+
+def prepare_delivery(session: Session, event_id: int) -> Delivery | None:
+    event = session.get(Event, event_id)
+    if event is None or event.webhook_status != "sending":
+        return None
+    clinic = session.get(Clinic, event.clinic_id)
+    assert clinic is not None
+    if not clinic.webhook_url or not clinic.webhook_secret:
+        event.webhook_status = "none"  # the clinic removed its webhook meanwhile
+        return None
+    body = json.dumps(envelope(event), separators=(",", ":"), ensure_ascii=False).encode()
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "reminders-webhook/1",
+        "X-Reminders-Event": event.type,
+        "X-Reminders-Event-Id": str(event.id),
+        "X-Reminders-Signature": sign(clinic.webhook_secret, body),
+    }
+    return Delivery(event.id, clinic.webhook_url, body, headers)
+
+
+def record_delivery(session: Session, event_id: int, now: dt.datetime, error: str | None) -> None:
+    """Delivered; or retried later with backoff until 24 h after the event, then failed."""
+    event = session.get(Event, event_id)
+    if event is None or event.webhook_status != "sending":
+        return
+    event.webhook_attempts += 1
+    if error is None:
+        event.webhook_status, event.webhook_delivered_at = "delivered", now
+        event.webhook_error = None
+        event.webhook_next_at = None
+        return
+    event.webhook_error = error[:300]
+    wait = min(dt.timedelta(seconds=15 * 2**event.webhook_attempts), dt.timedelta(hours=1))
+    if now + wait > event.at + WEBHOOK_WINDOW:
+        event.webhook_status, event.webhook_next_at = "failed", None
+        log.warning("event %s: webhook delivery given up after 24 h: %s", event.id, error)
+    else:
+        event.webhook_status, event.webhook_next_at = "pending", now + wait
+
+
+def deliver(event_id: int, clock: Callable[[], dt.datetime]) -> str:
+    """Posts one claimed event to its clinic's webhook and records the outcome."""
+    with session_scope() as session:
+        delivery = prepare_delivery(session, event_id)
+    if delivery is None:
+        return "not_claimed"
+    try:
+        response = httpx.post(
+            delivery.url,
+            content=delivery.body,
+            headers=delivery.headers,
+            timeout=WEBHOOK_TIMEOUT,
+            follow_redirects=False,
+        )
+        error = None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
+    except httpx.HTTPError as exc:
+        error = f"{type(exc).__name__}: {exc}"[:300]
+    with session_scope() as session:
+        record_delivery(session, event_id, clock(), error)
+    return "delivered" if error is None else "retry"

@@ -30,6 +30,8 @@ APPOINTMENT_STATUSES = ("booked", "cancelled")
 CONFIRMATIONS = ("unconfirmed", "confirmed", "cancelled_by_patient")
 OUTCOMES = ("attended", "no_show", "cancelled_late")
 REMINDER_STATUSES = ("planned", "queued", "sending", "unknown", "sent", "skipped", "failed")
+# SMS that answer a patient (not reminders): sent at any hour, even for a paused clinic.
+ANSWER_KINDS = ("ack", "opted_out", "opted_in", "unclear")
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -207,6 +209,7 @@ class InboundMessage(Timestamps, Base):
     """An SMS from a patient, kept once per provider message id."""
 
     __tablename__ = "inbound_messages"
+    __table_args__ = (Index("ix_inbound_messages_concat", "msisdn", "concat_ref"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     provider_message_id: Mapped[str] = mapped_column(String(64), unique=True)
@@ -221,6 +224,22 @@ class InboundMessage(Timestamps, Base):
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     applied_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     result: Mapped[str | None] = mapped_column(String(32))
+
+
+class DeliveryReceipt(Base):
+    """A delivery receipt as Vonage sent it; kept so one that arrives before its send is
+    recorded is applied once the send is."""
+
+    __tablename__ = "delivery_receipts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    provider_message_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    client_ref: Mapped[str | None] = mapped_column(String(40), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    err_code: Mapped[str | None] = mapped_column(String(8))
+    price: Mapped[float | None] = mapped_column(Float)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    reminder_id: Mapped[int | None] = mapped_column(ForeignKey("reminders.id"), index=True)
 
 
 class OptOut(Timestamps, Base):
@@ -239,7 +258,15 @@ class Event(Base):
     """Something the clinic system must learn; ids increase per clinic, never skipping."""
 
     __tablename__ = "events"
-    __table_args__ = (Index("ix_events_clinic_id_id", "clinic_id", "id"),)
+    __table_args__ = (
+        Index("ix_events_clinic_id_id", "clinic_id", "id"),
+        Index(
+            "ix_events_webhook_pending",
+            "webhook_next_at",
+            postgresql_where=text("webhook_status IN ('pending', 'sending')"),
+            sqlite_where=text("webhook_status IN ('pending', 'sending')"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     clinic_id: Mapped[int] = mapped_column(ForeignKey("clinics.id", ondelete="CASCADE"))
@@ -247,3 +274,9 @@ class Event(Base):
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     appointment_external_id: Mapped[str | None] = mapped_column(String(200))
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Delivery to the clinic's webhook: none (no URL), pending, delivered or failed (after 24 h).
+    webhook_status: Mapped[str] = mapped_column(String(16), default="none", server_default="none")
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    webhook_next_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    webhook_error: Mapped[str | None] = mapped_column(String(300))
+    webhook_delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

@@ -7,7 +7,7 @@ import logging
 
 from apscheduler.schedulers.base import BaseScheduler
 
-from reminders import actors, dispatch
+from reminders import actors, dispatch, events
 from reminders.db import session_scope
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,9 @@ def tick(clock: dispatch.Clock = actors.real_clock) -> list[int]:
     with session_scope() as session:
         dispatch.expire(session, now)
         ids = dispatch.sweep(session, now)
+        deliveries = events.claim_webhooks(session, now)
     dispatch.queue_all(ids, actors.send_reminder.send)
+    dispatch.queue_all(deliveries, actors.deliver_event.send)
     queued = list(ids)
     while True:
         with session_scope() as session:

@@ -35,7 +35,8 @@ STARTS_AT = day()
 STARTS_AT_UTC = day(time="08:30:00Z")
 PG_ENV = "REMINDERS_TEST_DATABASE_URL"
 REDIS_ENV = "REMINDERS_TEST_REDIS_URL"
-PG_SCHEMA = "reminders_test"
+# One schema per test process: two test runs on one database never touch each other's rows.
+PG_SCHEMA = f"reminders_test_{os.getpid()}"
 TEST_SECRET = "test-secret-key-0123456789"
 
 
@@ -90,18 +91,20 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def postgres_base(request: pytest.FixtureRequest) -> str:
+def postgres_base(request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh, migrated schema in the test PostgreSQL database, once per session."""
     url = pg_url(need(request.config, PG_ENV))
-    engine = sa.create_engine(url)
-    with engine.begin() as connection:
+    admin = sa.create_engine(url)
+    with admin.begin() as connection:
         connection.execute(sa.text(f"DROP SCHEMA IF EXISTS {PG_SCHEMA} CASCADE"))
         connection.execute(sa.text(f"CREATE SCHEMA {PG_SCHEMA}"))
-    engine.dispose()
     engine = db.make_engine(url)
     db.migrate(engine)
     engine.dispose()
-    return url
+    yield url
+    with admin.begin() as connection:
+        connection.execute(sa.text(f"DROP SCHEMA IF EXISTS {PG_SCHEMA} CASCADE"))
+    admin.dispose()
 
 
 def _truncate(url: str) -> None:

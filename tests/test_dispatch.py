@@ -448,3 +448,54 @@ def test_the_send_rate_caps_sends_per_second(database: str) -> None:
     with time_machine.travel(dt.datetime(2026, 11, 2, 9, 0, 0, 500_000, tzinfo=dt.UTC), tick=False):
         assert [limiter.wait(BOOKED + dt.timedelta(hours=1)) for _ in range(3)] == [True] * 3
         assert limiter.wait(BOOKED) is False  # a fourth this second would wait past `until`
+
+
+# --- answers to patients -----------------------------------------------------------------------
+
+
+def test_answers_go_out_at_once_at_night_even_for_a_paused_clinic(sending: Sending) -> None:
+    from reminders import replies
+
+    book(sending.cast)
+    set_clinic(sending.cast, paused=True)
+    night = dt.datetime(2026, 11, 3, 23, 30, tzinfo=dt.UTC)  # 00:30 Paris
+    with db.session_scope() as session:
+        appointment = session.scalars(select(Appointment)).one()
+        decision = replies.decide(session, appointment, "confirm", "sms", night)
+        answer = decision.answer_id
+        stop = replies.queue_answer(
+            session, sending.cast.clinic_id, "+33612345678", "opted_out", "opted_out:1", night
+        )
+        session.add(OptOut(phone_e164="+33612345678", sender="+33939000000", source="sms"))
+    sending.clock.now = night
+    assert answer is not None
+    assert stop is not None
+    actors.send_reminder.send(answer)
+    actors.send_reminder.send(stop)
+    sending.broker.join(QUEUE, fail_fast=False)
+    with db.session_scope() as session:
+        rows = {
+            r.kind: (r.status, r.skip_reason)
+            for r in session.scalars(select(Reminder))
+            if r.kind in ("ack", "opted_out")
+        }
+    # The opt-out confirmation goes even though the number just opted out; the ack does not.
+    assert rows == {"ack": ("skipped", "opted_out"), "opted_out": ("sent", None)}
+    [line] = sending.printed()
+    assert "START" in line  # how to opt back in
+
+
+def test_an_acknowledgement_names_the_appointment(sending: Sending) -> None:
+    from reminders import replies
+
+    book(sending.cast)
+    with db.session_scope() as session:
+        appointment = session.scalars(select(Appointment)).one()
+        answer = replies.decide(session, appointment, "cancel", "link", BOOKED).answer_id
+    assert answer is not None
+    sending.clock.now = BOOKED
+    actors.send_reminder.send(answer)
+    sending.broker.join(QUEUE, fail_fast=False)
+    [line] = sending.printed()
+    assert "jeudi 12 novembre" in line
+    assert "09:30" in line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from alembic import command
 from reminders import db
 from tests.conftest import PG_ENV, need, pg_url
 
-SCHEMA = "reminders_migrations_test"
+SCHEMA = f"reminders_migrations_test_{os.getpid()}"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -33,6 +34,10 @@ def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.
         engine = db.make_engine(url.render_as_string(hide_password=False))
     yield engine
     engine.dispose()
+    if request.param == "postgresql":
+        with admin.begin() as connection:
+            connection.execute(sa.text(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
+        admin.dispose()
 
 
 def differences(engine: sa.Engine) -> list[object]:

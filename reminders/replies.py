@@ -1,0 +1,389 @@
+"""Patients' answers: one decision per appointment, opt-outs, and the SMS we send back.
+
+Whichever way a decision comes (link, SMS, staff through the API), it is applied by a guarded
+UPDATE, so concurrent answers serialise: the same decision again changes nothing, a confirmation
+may still become a cancellation, and a patient's cancellation is final.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Literal
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from reminders import events, grammar
+from reminders.models import Appointment, Clinic, InboundMessage, OptOut, Reminder
+from reminders.planning import drop_pending
+
+Action = Literal["confirm", "cancel"]
+Source = Literal["link", "sms", "staff"]
+ANSWER_WINDOW = dt.timedelta(hours=6)  # an answer not sent by then is no longer worth sending
+
+
+@dataclass(frozen=True)
+class Decision:
+    changed: bool
+    confirmation: str  # the appointment's state after the attempt
+    answer_id: int | None = None  # the acknowledgement SMS queued, if any
+
+
+def decide(
+    session: Session, appointment: Appointment, action: Action, source: Source, now: dt.datetime
+) -> Decision:
+    """Applies a patient's (or staff's) decision once; writes its event and queues one
+    acknowledgement SMS (none for staff, who spoke to the patient)."""
+    if action == "confirm":
+        changed = _guarded(session, appointment, "confirmed", ("unconfirmed",), now)
+    else:
+        changed = _guarded(
+            session, appointment, "cancelled_by_patient", ("unconfirmed", "confirmed"), now
+        )
+    session.refresh(appointment)
+    if not changed:
+        return Decision(False, appointment.confirmation)
+    data: dict[str, object] = {"source": source, "starts_at": appointment.starts_at.isoformat()}
+    if action == "cancel":
+        drop_pending(session, appointment, "cancelled")
+        data |= {
+            "practitioner": appointment.practitioner,
+            "location": appointment.location,
+            "kind": appointment.kind,
+            "duration_minutes": appointment.duration_minutes,
+        }
+    kind = "appointment.confirmed" if action == "confirm" else "appointment.cancelled"
+    events.record(
+        session, appointment.clinic_id, kind, now, appointment=appointment.external_id, data=data
+    )
+    answer = None
+    if source != "staff" and appointment.patient.phone_e164 is not None:
+        state = "confirmed" if action == "confirm" else "cancelled"
+        answer = queue_answer(
+            session,
+            appointment.clinic_id,
+            appointment.patient.phone_e164,
+            "ack",
+            f"ack:{state}",
+            now,
+            appointment=appointment,
+        )
+    return Decision(True, appointment.confirmation, answer)
+
+
+def _guarded(
+    session: Session,
+    appointment: Appointment,
+    to: str,
+    allowed: tuple[str, ...],
+    now: dt.datetime,
+) -> bool:
+    values: dict[str, object] = {"confirmation": to, "decided_at": now}
+    if to == "cancelled_by_patient":
+        values["status"] = "cancelled"
+    result = session.execute(
+        update(Appointment)
+        .where(
+            Appointment.id == appointment.id,
+            Appointment.confirmation.in_(allowed),
+            Appointment.status == "booked",
+        )
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return getattr(result, "rowcount", 0) == 1
+
+
+def queue_answer(
+    session: Session,
+    clinic_id: int,
+    phone: str,
+    kind: str,
+    rule: str,
+    now: dt.datetime,
+    *,
+    appointment: Appointment | None = None,
+) -> int | None:
+    """An SMS answering the patient, created `queued` so the caller can send its id to the
+    worker at once after commit (the sweep queues it again if that is lost). Returns its id, or
+    None when the same answer for this booking exists already."""
+    if appointment is not None:
+        existing = session.scalar(
+            select(Reminder.id).where(
+                Reminder.appointment_id == appointment.id,
+                Reminder.rule == rule,
+                Reminder.appointment_starts_at == appointment.starts_at,
+            )
+        )
+        if existing is not None:
+            return None
+    row = Reminder(
+        clinic_id=clinic_id,
+        appointment_id=appointment.id if appointment is not None else None,
+        phone_e164=phone,
+        kind=kind,
+        rule=rule,
+        appointment_starts_at=appointment.starts_at if appointment is not None else None,
+        due_at=now,
+        send_by=now + ANSWER_WINDOW,
+        status="queued",
+        claimed_at=now,
+        attempts=0,
+    )
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def opt_out(session: Session, phone: str, sender: str, source: str, now: dt.datetime) -> bool:
+    """Records that `phone` wants nothing more from `sender`; False if it already had."""
+    found = session.scalar(
+        select(OptOut.id).where(OptOut.phone_e164 == phone, OptOut.sender == sender)
+    )
+    if found is not None:
+        return False
+    session.add(OptOut(phone_e164=phone, sender=sender, source=source))
+    session.flush()
+    return True
+
+
+def opt_in(session: Session, phone: str, sender: str) -> bool:
+    """Lifts an opt-out; False if there was none."""
+    result = session.execute(
+        delete(OptOut).where(OptOut.phone_e164 == phone, OptOut.sender == sender)
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def clinics_sending_from(session: Session, sender: str) -> list[Clinic]:
+    return list(session.scalars(select(Clinic).where(Clinic.sender == sender).order_by(Clinic.id)))
+
+
+# --- inbound SMS -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """One inbound SMS (or part of one) as the webhook parsed it."""
+
+    message_id: str
+    msisdn: str  # E.164 with '+'
+    to: str  # E.164 with '+'
+    text: str
+    received_at: dt.datetime
+    concat_ref: str | None = None
+    concat_total: int | None = None
+    concat_part: int | None = None
+
+
+@dataclass(frozen=True)
+class Handled:
+    result: str  # what happened, for the log and the inbound row
+    answers: list[int]  # answer SMS queued, to send after commit
+
+
+MAX_TEXT = 1600  # what we keep of a reply; longer texts are someone writing a letter
+
+
+def receive(session: Session, message: Inbound, now: dt.datetime) -> Handled:
+    """Stores an inbound SMS once (by provider message id) and applies it when complete."""
+    if session.get_bind().dialect.name == "postgresql" and message.concat_ref:
+        # Parts of one message arrive in parallel: one transaction at a time assembles them.
+        key = f"{message.msisdn}:{message.concat_ref}"
+        session.execute(select(func.pg_advisory_xact_lock(func.hashtext(key))))
+    exists = session.scalar(
+        select(InboundMessage.id).where(InboundMessage.provider_message_id == message.message_id)
+    )
+    if exists is not None:
+        return Handled("duplicate", [])
+    row = InboundMessage(
+        provider_message_id=message.message_id,
+        msisdn=message.msisdn,
+        to_number=message.to,
+        text=message.text[:MAX_TEXT],
+        concat_ref=message.concat_ref,
+        concat_total=message.concat_total,
+        concat_part=message.concat_part,
+        received_at=message.received_at,
+    )
+    session.add(row)
+    session.flush()
+    text = _assembled(session, row)
+    if text is None:
+        row.result = "part"
+        return Handled("part", [])
+    handled = apply_reply(session, message.msisdn, message.to, text, now, row)
+    row.result, row.applied_at = handled.result, now
+    return handled
+
+
+def _assembled(session: Session, row: InboundMessage) -> str | None:
+    """The whole text once every part is here (None while some are missing)."""
+    if not row.concat_ref or not row.concat_total or row.concat_total <= 1:
+        return row.text
+    parts = list(
+        session.scalars(
+            select(InboundMessage)
+            .where(
+                InboundMessage.msisdn == row.msisdn,
+                InboundMessage.concat_ref == row.concat_ref,
+            )
+            .order_by(InboundMessage.concat_part)
+        )
+    )
+    numbers = {p.concat_part for p in parts}
+    if numbers != set(range(1, row.concat_total + 1)):
+        return None
+    return "".join(p.text for p in parts)[:MAX_TEXT]
+
+
+def latest_reminded(session: Session, phone: str, clinic_ids: list[int]) -> Appointment | None:
+    """The appointment of the latest reminder sent to `phone` by one of these clinics."""
+    appointment_id = session.scalar(
+        select(Reminder.appointment_id)
+        .where(
+            Reminder.phone_e164 == phone,
+            Reminder.clinic_id.in_(clinic_ids),
+            Reminder.kind.in_(("reminder", "late", "moved")),
+            Reminder.status.in_(("sent", "sending", "unknown")),
+            Reminder.appointment_id.is_not(None),
+        )
+        .order_by(Reminder.sent_at.desc().nulls_last(), Reminder.id.desc())
+        .limit(1)
+    )
+    return session.get(Appointment, appointment_id) if appointment_id is not None else None
+
+
+def apply_reply(
+    session: Session,
+    phone: str,
+    to: str,
+    text: str,
+    now: dt.datetime,
+    row: InboundMessage | None = None,
+) -> Handled:
+    """What a patient's reply means, applied (DESIGN rule 9: carrier words only opt out/in)."""
+    clinics = clinics_sending_from(session, to)
+    if not clinics:
+        return Handled("unknown_number", [])
+    appointment = latest_reminded(session, phone, [c.id for c in clinics])
+    clinic = next((c for c in clinics if appointment and c.id == appointment.clinic_id), clinics[0])
+    if row is not None:
+        row.clinic_id = clinic.id
+        row.appointment_id = appointment.id if appointment is not None else None
+    intent = grammar.parse(text)
+    if intent is grammar.Intent.OPT_OUT:
+        return _opt_out(session, phone, to, clinics, clinic, appointment, now)
+    opted = session.scalar(select(OptOut.id).where(OptOut.phone_e164 == phone, OptOut.sender == to))
+    if intent is grammar.Intent.OPT_IN or (intent is grammar.Intent.YES and opted is not None):
+        return _opt_in(session, phone, to, clinics, clinic, appointment, now)
+    decisive = (grammar.Intent.CONFIRM, grammar.Intent.CANCEL, grammar.Intent.YES)
+    if intent in decisive and appointment is not None and appointment.starts_at > now:
+        action: Action = "cancel" if intent is grammar.Intent.CANCEL else "confirm"
+        decision = decide(session, appointment, action, "sms", now)
+        answers = [decision.answer_id] if decision.answer_id is not None else []
+        return Handled(f"{action}:{'applied' if decision.changed else 'unchanged'}", answers)
+    return _needs_attention(session, phone, text, clinic, appointment, now)
+
+
+def _opt_out(
+    session: Session,
+    phone: str,
+    to: str,
+    clinics: list[Clinic],
+    clinic: Clinic,
+    appointment: Appointment | None,
+    now: dt.datetime,
+) -> Handled:
+    if not opt_out(session, phone, to, "sms", now):
+        return Handled("opt_out:unchanged", [])
+    for each in clinics:
+        events.record(
+            session,
+            each.id,
+            "patient.opted_out",
+            now,
+            appointment=appointment.external_id
+            if appointment is not None and appointment.clinic_id == each.id
+            else None,
+            data={"phone": phone, "sender": to},
+        )
+    answer = queue_answer(
+        session,
+        clinic.id,
+        phone,
+        "opted_out",
+        f"opted_out:{now.isoformat()}",
+        now,
+        appointment=appointment,
+    )
+    return Handled("opt_out:applied", [answer] if answer is not None else [])
+
+
+def _opt_in(
+    session: Session,
+    phone: str,
+    to: str,
+    clinics: list[Clinic],
+    clinic: Clinic,
+    appointment: Appointment | None,
+    now: dt.datetime,
+) -> Handled:
+    if not opt_in(session, phone, to):
+        return Handled("opt_in:unchanged", [])
+    for each in clinics:
+        events.record(
+            session, each.id, "patient.opted_in", now, data={"phone": phone, "sender": to}
+        )
+    answer = queue_answer(
+        session,
+        clinic.id,
+        phone,
+        "opted_in",
+        f"opted_in:{now.isoformat()}",
+        now,
+        appointment=appointment,
+    )
+    return Handled("opt_in:applied", [answer] if answer is not None else [])
+
+
+def _needs_attention(
+    session: Session,
+    phone: str,
+    text: str,
+    clinic: Clinic,
+    appointment: Appointment | None,
+    now: dt.datetime,
+) -> Handled:
+    events.record(
+        session,
+        clinic.id,
+        "reply.needs_attention",
+        now,
+        appointment=appointment.external_id if appointment is not None else None,
+        data={"text": text[:MAX_TEXT], "phone": phone},
+    )
+    # At most one "we will get back to you" a day per number.
+    recent = session.scalar(
+        select(Reminder.id)
+        .where(
+            Reminder.phone_e164 == phone,
+            Reminder.clinic_id == clinic.id,
+            Reminder.kind == "unclear",
+            Reminder.due_at >= now - dt.timedelta(days=1),
+        )
+        .limit(1)
+    )
+    if recent is not None:
+        return Handled("needs_attention", [])
+    answer = queue_answer(
+        session,
+        clinic.id,
+        phone,
+        "unclear",
+        f"unclear:{now.isoformat()}",
+        now,
+        appointment=appointment,
+    )
+    return Handled("needs_attention", [answer] if answer is not None else [])

@@ -1,0 +1,168 @@
+"""Vonage's webhooks: inbound SMS and delivery receipts (SMS API formats, GET or POST, form or
+JSON). Signed requests are checked with the SDK's `Auth.check_signature` plus a freshness check;
+anything valid or merely unknown gets 200 at once, so Vonage stops retrying (it retries for 24 h).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from typing import Annotated, Any
+
+import vonage
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
+
+from reminders import broker, dispatch, replies
+from reminders.config import Settings, get_settings
+from reminders.db import session_scope
+from reminders.sms import mask_phone
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/webhooks/vonage", tags=["vonage"])
+
+RETRY_WINDOW = dt.timedelta(hours=24)  # Vonage retries this long: anything older is a replay
+CLOCK_SKEW = dt.timedelta(minutes=5)
+
+
+class Unauthorized(Exception):
+    pass
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+async def parameters(request: Request) -> dict[str, str]:
+    """The webhook's fields, from the query string and a form or JSON body."""
+    params = {k: v for k, v in request.query_params.items()}
+    if request.method == "POST":
+        body = await request.body()
+        kind = request.headers.get("content-type", "")
+        if "json" in kind and body:
+            try:
+                decoded = json.loads(body)
+            except ValueError:
+                decoded = {}
+            if isinstance(decoded, dict):
+                params |= {str(k): "" if v is None else str(v) for k, v in decoded.items()}
+        elif body:
+            form = await request.form()
+            params |= {k: v for k, v in form.items() if isinstance(v, str)}
+    return params
+
+
+def verify(params: dict[str, str], settings: Settings, now: dt.datetime) -> None:
+    """Raises Unauthorized for a missing or wrong signature or a stale timestamp.
+
+    With the console provider, unsigned webhooks are accepted (development); signed ones are
+    still checked when a signature secret is configured.
+    """
+    secret = settings.vonage_signature_secret
+    signed = "sig" in params
+    if settings.sms_provider == "vonage" and not signed:
+        raise Unauthorized("unsigned")
+    if not signed or secret is None:
+        return
+    auth = vonage.Auth(
+        api_key=settings.vonage_api_key or "unused",
+        signature_secret=secret.get_secret_value(),
+        signature_method=settings.vonage_signature_method,
+    )
+    if "timestamp" not in params or not auth.check_signature(dict(params)):
+        raise Unauthorized("bad signature")
+    try:
+        sent = dt.datetime.fromtimestamp(int(params["timestamp"]), dt.UTC)
+    except (ValueError, OverflowError, OSError):
+        raise Unauthorized("bad timestamp") from None
+    if not now - RETRY_WINDOW <= sent <= now + CLOCK_SKEW:
+        raise Unauthorized("stale timestamp")
+
+
+def _e164(raw: str) -> str:
+    digits = "".join(c for c in raw if c.isdigit())
+    return f"+{digits}" if digits else ""
+
+
+def _int(raw: str | None) -> int | None:
+    return int(raw) if raw is not None and raw.isdigit() else None
+
+
+def _checked(params: dict[str, str]) -> JSONResponse | None:
+    try:
+        verify(params, get_settings(), _now())
+    except Unauthorized as exc:
+        log.warning("Vonage webhook refused: %s", exc)
+        return JSONResponse({"status": "unauthorized"}, status_code=401)
+    return None
+
+
+Params = Annotated[dict[str, str], Depends(parameters)]
+
+
+@router.get("/inbound", operation_id="vonage_inbound_get")
+@router.post("/inbound", operation_id="vonage_inbound_post")
+def inbound(params: Params) -> JSONResponse:
+    """A patient's SMS: stored once per `messageId`, applied once complete."""
+    refused = _checked(params)
+    if refused is not None:
+        return refused
+    msisdn, to = _e164(params.get("msisdn", "")), _e164(params.get("to", ""))
+    message_id = params.get("messageId") or params.get("message-id")
+    if not msisdn or not to or not message_id:
+        return JSONResponse({"status": "ignored", "reason": "msisdn, to and messageId needed"})
+    now = _now()
+    concat = params.get("concat") == "true"
+    message = replies.Inbound(
+        message_id=message_id[:64],
+        msisdn=msisdn,
+        to=to,
+        text=params.get("text", ""),
+        received_at=now,
+        concat_ref=params.get("concat-ref") if concat else None,
+        concat_total=_int(params.get("concat-total")) if concat else None,
+        concat_part=_int(params.get("concat-part")) if concat else None,
+    )
+    try:
+        with session_scope() as session:
+            handled = replies.receive(session, message, now)
+    except IntegrityError:
+        return JSONResponse({"status": "ok", "result": "duplicate"})  # a concurrent retry won
+    broker.enqueue_sends(handled.answers)
+    log.info("SMS from %s: %s", mask_phone(msisdn), handled.result)
+    return JSONResponse({"status": "ok", "result": handled.result})
+
+
+@router.get("/status", operation_id="vonage_status_get")
+@router.post("/status", operation_id="vonage_status_post")
+def status(params: Params) -> JSONResponse:
+    """A delivery receipt: moves its message's delivery status forward."""
+    refused = _checked(params)
+    if refused is not None:
+        return refused
+    message_id = params.get("messageId") or params.get("message-id")
+    client_ref = params.get("client-ref")
+    state = params.get("status")
+    if not state or not (message_id or client_ref):
+        return JSONResponse({"status": "ignored", "reason": "status and messageId needed"})
+    price = _price(params.get("price"))
+    with session_scope() as session:
+        result = dispatch.apply_receipt(
+            session,
+            message_id=message_id[:64] if message_id else None,
+            client_ref=client_ref[:40] if client_ref else None,
+            status=state,
+            err_code=params.get("err-code"),
+            price=price,
+            now=_now(),
+        )
+    return JSONResponse({"status": "ok", "result": result})
+
+
+def _price(raw: Any) -> float | None:
+    try:
+        return float(raw) if raw not in (None, "") else None
+    except ValueError:
+        return None

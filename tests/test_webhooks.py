@@ -1,0 +1,572 @@
+"""Patients answer by SMS; Vonage reports deliveries; the clinic reads events and gets webhooks.
+
+Webhooks are signed the way Vonage signs them (the stand-in's `sign`, checked by the SDK).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pytest
+import time_machine
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from reminders import db, events
+from reminders.api import create_app
+from reminders.models import Appointment, Clinic, Event, InboundMessage, OptOut, Reminder
+from tests.conftest import TEST_SECRET, Cast, appointment_body
+from tests.vonage_standin import sign
+
+SIGNATURE_SECRET = "vonage-signature-secret"
+CLINIC_NUMBER = "33939000000"
+PATIENT = "33612345678"
+
+
+@dataclass
+class Vonage:
+    """A client posting webhooks as Vonage would, to an app on the vonage provider."""
+
+    client: TestClient
+    cast: Cast
+    counter: int = 0
+
+    def inbound(
+        self,
+        text: str,
+        *,
+        msisdn: str = PATIENT,
+        signed: bool = True,
+        when: dt.datetime | None = None,
+        message_id: str | None = None,
+        method: str = "POST",
+        as_json: bool = False,
+        extra: dict[str, str] | None = None,
+    ) -> Any:
+        self.counter += 1
+        params = {
+            "msisdn": msisdn,
+            "to": CLINIC_NUMBER,
+            "text": text,
+            "type": "text",
+            "messageId": message_id or f"in-{self.counter}",
+            "message-timestamp": "2026-11-22 10:00:00",
+            "timestamp": str(int((when or dt.datetime.now(dt.UTC)).timestamp())),
+            "nonce": f"n{self.counter}",
+            **(extra or {}),
+        }
+        if signed:
+            params["sig"] = sign(params, SIGNATURE_SECRET)
+        return self._send("/webhooks/vonage/inbound", params, method, as_json)
+
+    def receipt(self, **fields: str) -> Any:
+        params = {
+            "msisdn": PATIENT,
+            "to": CLINIC_NUMBER,
+            "network-code": "20810",
+            "message-timestamp": "2026-11-22 10:00:00",
+            "timestamp": str(int(dt.datetime.now(dt.UTC).timestamp())),
+            **fields,
+        }
+        params["sig"] = sign(params, SIGNATURE_SECRET)
+        return self._send("/webhooks/vonage/status", params, "POST", False)
+
+    def _send(self, path: str, params: dict[str, str], method: str, as_json: bool) -> Any:
+        if method == "GET":
+            return self.client.get(path, params=params)
+        if as_json:
+            return self.client.post(path, json=params)
+        return self.client.post(path, data=params)
+
+
+@pytest.fixture
+def vonage(cast: Cast, monkeypatch: pytest.MonkeyPatch) -> Iterator[Vonage]:
+    for name, value in {
+        "REMINDERS_SMS_PROVIDER": "vonage",
+        "REMINDERS_VONAGE_API_KEY": "key",
+        "REMINDERS_VONAGE_API_SECRET": "secret",
+        "REMINDERS_VONAGE_SIGNATURE_SECRET": SIGNATURE_SECRET,
+    }.items():
+        monkeypatch.setenv(name, value)
+    db.reset()
+    with TestClient(create_app()) as client:
+        yield Vonage(client, cast)
+
+
+def remind(
+    vonage: Vonage, external_id: str = "A1", phone: str = "06 12 34 56 78", days: int = 10
+) -> int:
+    """An appointment whose first reminder went out (as if sent): replies apply to it."""
+    start = (dt.datetime.now(dt.UTC) + dt.timedelta(days=days)).isoformat()
+    body = appointment_body(
+        starts_at=start, patient={"external_id": f"P-{external_id}", "phone": phone}
+    )
+    response = vonage.client.put(
+        f"/v1/appointments/{external_id}", json=body, headers=vonage.cast.auth
+    )
+    assert response.status_code == 201
+    with db.session_scope() as session:
+        row = session.scalars(
+            select(Reminder)
+            .join(Appointment)
+            .where(Appointment.external_id == external_id)
+            .order_by(Reminder.id)
+        ).first()
+        assert row is not None
+        row.status, row.sent_at = "sent", dt.datetime.now(dt.UTC)
+        return row.id
+
+
+def appointment(external_id: str = "A1") -> dict[str, Any]:
+    with db.session_scope() as session:
+        found = session.scalars(
+            select(Appointment).where(Appointment.external_id == external_id)
+        ).one()
+        return {"confirmation": found.confirmation, "status": found.status}
+
+
+def event_types() -> list[str]:
+    with db.session_scope() as session:
+        return list(session.scalars(select(Event.type).order_by(Event.id)))
+
+
+def answers() -> list[tuple[str, str]]:
+    with db.session_scope() as session:
+        rows = session.execute(
+            select(Reminder.kind, Reminder.rule)
+            .where(Reminder.kind.in_(("ack", "opted_out", "opted_in", "unclear")))
+            .order_by(Reminder.id)
+        )
+        return [(kind, rule.split(":")[0] if kind != "ack" else rule) for kind, rule in rows]
+
+
+# --- inbound SMS -------------------------------------------------------------------------------
+
+
+def test_reply_1_confirms_and_is_acknowledged(vonage: Vonage) -> None:
+    remind(vonage)
+    response = vonage.inbound("1")
+    assert response.status_code == 200
+    assert response.json()["result"] == "confirm:applied"
+    assert appointment()["confirmation"] == "confirmed"
+    assert event_types() == ["appointment.confirmed"]
+    assert answers() == [("ack", "ack:confirmed")]
+
+
+@pytest.mark.parametrize("text", ["2", "Annuler", "ANNULÉ !", "отмена", "取消", "２"])
+def test_local_cancel_words_cancel_and_free_the_slot(vonage: Vonage, text: str) -> None:
+    remind(vonage)
+    vonage.inbound(text)
+    assert appointment() == {"confirmation": "cancelled_by_patient", "status": "cancelled"}
+    with db.session_scope() as session:
+        [event] = session.scalars(select(Event))
+        assert event.type == "appointment.cancelled"
+        assert event.appointment_external_id == "A1"
+        assert {"practitioner", "location", "starts_at", "duration_minutes"} <= set(event.data)
+        pending = session.scalars(select(Reminder.status).where(Reminder.kind == "reminder"))
+        assert "planned" not in set(pending)
+
+
+@pytest.mark.parametrize("text", ["STOP", "cancel", "Stop SMS", "СТОП", "退订", "unsubscribe"])
+def test_carrier_words_opt_out_and_never_cancel(vonage: Vonage, text: str) -> None:
+    remind(vonage)
+    assert vonage.inbound(text).json()["result"] == "opt_out:applied"
+    assert appointment()["confirmation"] == "unconfirmed"
+    with db.session_scope() as session:
+        [opt_out] = session.scalars(select(OptOut))
+        assert (opt_out.phone_e164, opt_out.sender) == ("+33612345678", "+33939000000")
+    assert event_types() == ["patient.opted_out"]
+    assert answers() == [("opted_out", "opted_out")]
+    assert vonage.inbound("STOP").json()["result"] == "opt_out:unchanged"
+    assert answers() == [("opted_out", "opted_out")]  # one final message, not one per STOP
+
+
+def test_start_opts_back_in_and_yes_confirms_when_not_opted_out(vonage: Vonage) -> None:
+    remind(vonage)
+    vonage.inbound("STOP")
+    assert vonage.inbound("YES").json()["result"] == "opt_in:applied"
+    assert appointment()["confirmation"] == "unconfirmed"
+    assert vonage.inbound("YES").json()["result"] == "confirm:applied"
+    assert appointment()["confirmation"] == "confirmed"
+    vonage.inbound("STOP")
+    assert vonage.inbound("START").json()["result"] == "opt_in:applied"
+
+
+def test_a_reply_applies_to_the_latest_reminded_appointment(vonage: Vonage) -> None:
+    remind(vonage, "A1", days=10)
+    remind(vonage, "A2", days=5)  # reminded later, same family phone
+    vonage.inbound("2")
+    assert appointment("A1")["confirmation"] == "unconfirmed"
+    assert appointment("A2")["confirmation"] == "cancelled_by_patient"
+
+
+@pytest.mark.parametrize("text", ["Can I come at 10 instead?", "1 2", "", "😀👍", "x" * 10_000])
+def test_anything_else_needs_attention_with_one_answer_a_day(vonage: Vonage, text: str) -> None:
+    remind(vonage)
+    assert vonage.inbound(text).json()["result"] == "needs_attention"
+    vonage.inbound("hello?")
+    assert appointment()["confirmation"] == "unconfirmed"
+    assert event_types() == ["reply.needs_attention", "reply.needs_attention"]
+    with db.session_scope() as session:
+        first = session.scalars(select(Event).order_by(Event.id)).first()
+        assert first is not None
+        assert first.data["text"] == text[:1600]
+    assert answers() == [("unclear", "unclear")]
+
+
+def test_the_same_message_id_is_applied_once(vonage: Vonage) -> None:
+    remind(vonage)
+    for _ in range(3):
+        assert vonage.inbound("1", message_id="same-id").status_code == 200
+    assert event_types() == ["appointment.confirmed"]
+    with db.session_scope() as session:
+        assert len(list(session.scalars(select(InboundMessage)))) == 1
+
+
+def test_concurrent_retries_of_one_message_are_applied_once(vonage: Vonage) -> None:
+    remind(vonage)
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        codes = list(
+            pool.map(lambda _: vonage.inbound("2", message_id="dup").status_code, range(12))
+        )
+    assert set(codes) == {200}
+    assert event_types() == ["appointment.cancelled"]
+
+
+def test_concatenated_parts_are_assembled_before_parsing(vonage: Vonage) -> None:
+    remind(vonage)
+    parts = {"concat": "true", "concat-ref": "77", "concat-total": "2"}
+    first = vonage.inbound("STO", extra={**parts, "concat-part": "2"})
+    assert first.json()["result"] == "part"
+    assert (
+        vonage.inbound("P", extra={**parts, "concat-part": "1"}).json()["result"]
+        == "needs_attention"
+    )
+    assert event_types() == ["reply.needs_attention"]  # "PSTO": the parts in their order
+    with db.session_scope() as session:
+        [event] = session.scalars(select(Event))
+        assert event.data["text"] == "PSTO"
+
+
+def test_get_form_and_json_webhooks_are_all_accepted(vonage: Vonage) -> None:
+    remind(vonage)
+    assert vonage.inbound("hello", method="GET").json()["result"] == "needs_attention"
+    assert vonage.inbound("1", as_json=True).json()["result"] == "confirm:applied"
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    ["unsigned", "forged", "wrong-secret", "stale", "future"],
+)
+def test_bad_signatures_and_stale_webhooks_are_401_and_change_nothing(
+    vonage: Vonage, tamper: str
+) -> None:
+    remind(vonage)
+    now = dt.datetime.now(dt.UTC)
+    if tamper == "unsigned":
+        response = vonage.inbound("2", signed=False)
+    elif tamper == "stale":
+        response = vonage.inbound("2", when=now - dt.timedelta(hours=25))
+    elif tamper == "future":
+        response = vonage.inbound("2", when=now + dt.timedelta(hours=1))
+    else:
+        params = {
+            "msisdn": PATIENT,
+            "to": CLINIC_NUMBER,
+            "text": "2",
+            "messageId": "x1",
+            "timestamp": str(int(now.timestamp())),
+        }
+        secret = "not-the-secret" if tamper == "wrong-secret" else SIGNATURE_SECRET
+        params["sig"] = sign(params, secret)
+        if tamper == "forged":
+            params["text"] = "1"  # changed after signing
+        response = vonage.client.post("/webhooks/vonage/inbound", data=params)
+    assert response.status_code == 401
+    assert appointment()["confirmation"] == "unconfirmed"
+    assert event_types() == []
+
+
+def test_an_unknown_receiving_number_gets_200_and_changes_nothing(vonage: Vonage) -> None:
+    remind(vonage)
+    params = {
+        "msisdn": PATIENT,
+        "to": "33100000000",
+        "text": "2",
+        "messageId": "z",
+        "timestamp": str(int(dt.datetime.now(dt.UTC).timestamp())),
+    }
+    params["sig"] = sign(params, SIGNATURE_SECRET)
+    response = vonage.client.post("/webhooks/vonage/inbound", data=params)
+    assert response.status_code == 200
+    assert response.json()["result"] == "unknown_number"
+    assert appointment()["confirmation"] == "unconfirmed"
+
+
+def test_unsigned_webhooks_are_accepted_with_the_console_provider(
+    cast: Cast, client: TestClient
+) -> None:
+    with db.session_scope() as session:
+        clinic = session.get(Clinic, cast.clinic_id)
+        assert clinic is not None
+    params = {"msisdn": PATIENT, "to": CLINIC_NUMBER, "text": "hi", "messageId": "c1"}
+    assert client.post("/webhooks/vonage/inbound", data=params).status_code == 200
+
+
+# --- delivery receipts -------------------------------------------------------------------------
+
+
+def sent_row(vonage: Vonage, message_id: str = "m-1") -> int:
+    row_id = remind(vonage)
+    with db.session_scope() as session:
+        row = session.get(Reminder, row_id)
+        assert row is not None
+        row.provider_message_id = message_id
+    return row_id
+
+
+def delivery(row_id: int) -> tuple[str, str | None, str | None]:
+    with db.session_scope() as session:
+        row = session.get(Reminder, row_id)
+        assert row is not None
+        return row.status, row.delivery_status, row.delivery_error
+
+
+def test_receipts_move_delivery_forward_and_repeats_change_nothing(vonage: Vonage) -> None:
+    row_id = sent_row(vonage)
+    assert vonage.receipt(messageId="m-1", status="accepted").json()["result"] == "applied"
+    assert delivery(row_id) == ("sent", "accepted", None)
+    assert (
+        vonage.receipt(messageId="m-1", status="delivered", **{"err-code": "0"}).json()["result"]
+        == "applied"
+    )
+    assert vonage.receipt(messageId="m-1", status="delivered").json()["result"] == "unchanged"
+    assert vonage.receipt(messageId="m-1", status="accepted").json()["result"] == "unchanged"
+    assert delivery(row_id) == ("sent", "delivered", None)
+    got = vonage.client.get("/v1/appointments/A1", headers=vonage.cast.auth).json()
+    assert got["messages"][0]["delivery_status"] == "delivered"
+
+
+def test_a_receipt_matches_by_client_ref_and_settles_an_unknown_send(vonage: Vonage) -> None:
+    row_id = sent_row(vonage)
+    with db.session_scope() as session:
+        row = session.get(Reminder, row_id)
+        assert row is not None
+        row.status, row.provider_message_id = "unknown", None
+    vonage.receipt(messageId="m-9", status="delivered", **{"client-ref": f"r{row_id}"})
+    with db.session_scope() as session:
+        row = session.get(Reminder, row_id)
+        assert row is not None
+        assert (row.status, row.delivery_status, row.provider_message_id) == (
+            "sent",
+            "delivered",
+            "m-9",
+        )
+
+
+def test_a_receipt_with_err_code_9_records_an_opt_out(vonage: Vonage) -> None:
+    row_id = sent_row(vonage)
+    vonage.receipt(messageId="m-1", status="failed", **{"err-code": "9"})
+    assert delivery(row_id) == ("sent", "failed", "9")
+    with db.session_scope() as session:
+        [opt_out] = session.scalars(select(OptOut))
+        assert opt_out.source == "receipt"
+
+
+def test_unknown_receipts_get_200_and_are_kept_for_a_later_send(vonage: Vonage) -> None:
+    response = vonage.receipt(messageId="never-seen", status="delivered")
+    assert response.status_code == 200
+    assert response.json()["result"] == "unmatched"
+    from reminders import dispatch
+
+    row_id = sent_row(vonage, message_id="never-seen")
+    with db.session_scope() as session:
+        dispatch.apply_waiting_receipts(session, row_id, ["never-seen"], dt.datetime.now(dt.UTC))
+    assert delivery(row_id) == ("sent", "delivered", None)
+
+
+# --- the event feed ----------------------------------------------------------------------------
+
+
+def test_the_feed_pages_with_next_and_shows_only_the_clinics_own(vonage: Vonage) -> None:
+    cast = vonage.cast
+    now = dt.datetime.now(dt.UTC)
+    with db.session_scope() as session:
+        for i in range(5):
+            events.record(
+                session, cast.clinic_id, "reply.needs_attention", now, data={"text": str(i)}
+            )
+        events.record(session, cast.other_clinic_id, "reply.needs_attention", now)
+    page = vonage.client.get("/v1/events?limit=3", headers=cast.auth).json()
+    assert [e["data"]["text"] for e in page["events"]] == ["0", "1", "2"]
+    rest = vonage.client.get(f"/v1/events?after={page['next']}", headers=cast.auth).json()
+    assert [e["data"]["text"] for e in rest["events"]] == ["3", "4"]
+    empty = vonage.client.get(f"/v1/events?after={rest['next']}", headers=cast.auth).json()
+    assert empty == {"events": [], "next": rest["next"]}
+    other = vonage.client.get("/v1/events", headers=cast.other_auth).json()
+    assert len(other["events"]) == 1
+    assert set(page["events"][0]) == {"id", "type", "at", "appointment", "data"}
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "after=-1", "limit=x"])
+def test_bad_feed_parameters_are_422(vonage: Vonage, query: str) -> None:
+    response = vonage.client.get(f"/v1/events?{query}", headers=vonage.cast.auth)
+    assert response.status_code == 422
+    assert response.headers["content-type"].startswith("application/problem+json")
+
+
+def test_staff_confirmation_is_recorded_without_an_sms(vonage: Vonage) -> None:
+    remind(vonage)
+    response = vonage.client.post("/v1/appointments/A1/confirm", headers=vonage.cast.auth)
+    assert response.status_code == 200
+    assert response.json()["confirmation"] == "confirmed"
+    assert response.json()["result"] == "updated"
+    again = vonage.client.post("/v1/appointments/A1/confirm", headers=vonage.cast.auth)
+    assert again.json()["result"] == "unchanged"
+    assert event_types() == ["appointment.confirmed"]
+    assert answers() == []
+    missing = vonage.client.post("/v1/appointments/nope/confirm", headers=vonage.cast.auth)
+    assert missing.status_code == 404
+
+
+# --- webhooks to the clinic ----------------------------------------------------------------------
+
+
+class _Hook(http.server.BaseHTTPRequestHandler):
+    received: ClassVar[list[tuple[dict[str, str], bytes]]] = []
+    answers: ClassVar[list[int]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Hook.received.append((dict(self.headers), body))
+        code = _Hook.answers.pop(0) if _Hook.answers else 200
+        self.send_response(code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def hook() -> Iterator[str]:
+    _Hook.received, _Hook.answers = [], []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    server.shutdown()
+    server.server_close()
+
+
+def test_events_are_posted_signed_in_order_and_retried_through_the_database(
+    cast: Cast, hook: str
+) -> None:
+    with db.session_scope() as session:
+        clinic = session.get(Clinic, cast.clinic_id)
+        assert clinic is not None
+        clinic.webhook_url, clinic.webhook_secret = hook, "whsec_test"
+    now = dt.datetime(2026, 11, 22, 10, 0, tzinfo=dt.UTC)
+    with db.session_scope() as session:
+        for text in ("first", "second"):
+            events.record(
+                session,
+                cast.clinic_id,
+                "appointment.confirmed",
+                now,
+                appointment="A1",
+                data={"text": text},
+            )
+    _Hook.answers = [500]
+
+    def run(at: dt.datetime) -> list[int]:
+        with db.session_scope() as session:
+            ids = events.claim_webhooks(session, at)
+        for event_id in ids:
+            events.deliver(event_id, lambda: at)
+        return ids
+
+    assert len(run(now)) == 1  # the second waits for the first (same appointment)
+    assert len(_Hook.received) == 1  # answered 500
+    assert run(now + dt.timedelta(seconds=1)) == []  # backing off, and still blocking
+    later = now + dt.timedelta(minutes=5)
+    run(later)
+    run(later + dt.timedelta(seconds=1))
+    bodies = [json.loads(body) for _, body in _Hook.received]
+    assert [b["data"]["text"] for b in bodies] == ["first", "first", "second"]
+    headers, body = _Hook.received[-1]
+    expected = "sha256=" + hmac.new(b"whsec_test", body, hashlib.sha256).hexdigest()
+    assert headers["X-Reminders-Signature"] == expected
+    with db.session_scope() as session:
+        states = list(
+            session.execute(select(Event.webhook_status, Event.webhook_attempts).order_by(Event.id))
+        )
+        assert [tuple(s) for s in states] == [("delivered", 2), ("delivered", 1)]
+
+
+def test_a_webhook_failing_for_24_hours_is_given_up(cast: Cast, hook: str) -> None:
+    with db.session_scope() as session:
+        clinic = session.get(Clinic, cast.clinic_id)
+        assert clinic is not None
+        clinic.webhook_url, clinic.webhook_secret = hook, "whsec_test"
+    now = dt.datetime(2026, 11, 22, 10, 0, tzinfo=dt.UTC)
+    with db.session_scope() as session:
+        events.record(session, cast.clinic_id, "message.failed", now)
+    at = now
+    while at < now + dt.timedelta(hours=25):
+        _Hook.answers = [503]
+        with db.session_scope() as session:
+            claimed = events.claim_webhooks(session, at)
+        for event_id in claimed:
+            events.deliver(event_id, lambda at=at: at)  # type: ignore[misc]
+        at += dt.timedelta(minutes=30)
+    with db.session_scope() as session:
+        [event] = session.scalars(select(Event))
+        assert event.webhook_status == "failed"
+        assert event.webhook_error == "HTTP 503"
+        assert 5 <= event.webhook_attempts <= 40
+
+
+def test_a_hanging_clinic_webhook_times_out_and_blocks_nothing_else(
+    cast: Cast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)  # accepts connections, never answers
+    monkeypatch.setattr(events, "WEBHOOK_TIMEOUT", 0.5)
+    with db.session_scope() as session:
+        clinic = session.get(Clinic, cast.clinic_id)
+        assert clinic is not None
+        clinic.webhook_url = f"http://127.0.0.1:{listener.getsockname()[1]}/hang"
+        clinic.webhook_secret = "whsec_test"
+    now = dt.datetime(2026, 11, 22, 10, 0, tzinfo=dt.UTC)
+    with db.session_scope() as session:
+        events.record(session, cast.clinic_id, "appointment.confirmed", now, appointment="A1")
+        events.record(session, cast.clinic_id, "appointment.confirmed", now, appointment="A2")
+        ids = events.claim_webhooks(session, now)
+    assert len(ids) == 2  # another appointment's event is not held up
+    assert events.deliver(ids[0], lambda: now) == "retry"
+    listener.close()
+    with db.session_scope() as session:
+        event = session.get(Event, ids[0])
+        assert event is not None
+        assert event.webhook_status == "pending"
+        assert event.webhook_error is not None
+        assert "Timeout" in event.webhook_error
+
+
+def test_time_machine_is_importable() -> None:
+    with time_machine.travel(dt.datetime(2026, 1, 1, tzinfo=dt.UTC), tick=False):
+        assert dt.datetime.now(dt.UTC).year == 2026
+    assert TEST_SECRET
