@@ -570,3 +570,36 @@ def test_time_machine_is_importable() -> None:
     with time_machine.travel(dt.datetime(2026, 1, 1, tzinfo=dt.UTC), tick=False):
         assert dt.datetime.now(dt.UTC).year == 2026
     assert TEST_SECRET
+
+
+def test_the_feed_never_skips_an_event_that_commits_late(cast: Cast) -> None:
+    """Event writers of one clinic are serialised, so a poller never sees id N+1 before N."""
+    started, release = threading.Event(), threading.Event()
+    now = dt.datetime.now(dt.UTC)
+
+    def slow_writer() -> None:
+        with db.session_scope() as session:
+            events.record(session, cast.clinic_id, "message.failed", now, data={"n": 1})
+            started.set()
+            release.wait(10)  # holds its transaction open, as a slow request would
+
+    def quick_writer() -> None:
+        with db.session_scope() as session:
+            events.record(session, cast.clinic_id, "message.failed", now, data={"n": 2})
+
+    def seen() -> list[int]:
+        with db.session_scope() as session:
+            rows, _ = events.feed(session, cast.clinic_id, 0, 100)
+            return [e.data["n"] for e in rows]
+
+    slow = threading.Thread(target=slow_writer)
+    slow.start()
+    assert started.wait(10)
+    quick = threading.Thread(target=quick_writer)
+    quick.start()
+    quick.join(0.5)  # it must wait for the slow one, not commit a later id first
+    assert seen() == []
+    release.set()
+    slow.join(10)
+    quick.join(10)
+    assert seen() == [1, 2]
