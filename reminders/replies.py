@@ -309,16 +309,7 @@ def _opt_out(
             else None,
             data={"phone": phone, "sender": to},
         )
-    answer = queue_answer(
-        session,
-        clinic.id,
-        phone,
-        "opted_out",
-        f"opted_out:{now.isoformat()}",
-        now,
-        appointment=appointment,
-    )
-    return Handled("opt_out:applied", [answer] if answer is not None else [])
+    return _answered(session, clinic, phone, "opted_out", now, appointment, "opt_out:applied")
 
 
 def _opt_in(
@@ -336,16 +327,7 @@ def _opt_in(
         events.record(
             session, each.id, "patient.opted_in", now, data={"phone": phone, "sender": to}
         )
-    answer = queue_answer(
-        session,
-        clinic.id,
-        phone,
-        "opted_in",
-        f"opted_in:{now.isoformat()}",
-        now,
-        appointment=appointment,
-    )
-    return Handled("opt_in:applied", [answer] if answer is not None else [])
+    return _answered(session, clinic, phone, "opted_in", now, appointment, "opt_in:applied")
 
 
 def _needs_attention(
@@ -377,13 +359,20 @@ def _needs_attention(
     )
     if recent is not None:
         return Handled("needs_attention", [])
+    return _answered(session, clinic, phone, "unclear", now, appointment, "needs_attention")
+
+
+def _answered(
+    session: Session,
+    clinic: Clinic,
+    phone: str,
+    kind: str,
+    now: dt.datetime,
+    appointment: Appointment | None,
+    result: str,
+) -> Handled:
+    """Queues one answer SMS of `kind` and says what happened."""
     answer = queue_answer(
-        session,
-        clinic.id,
-        phone,
-        "unclear",
-        f"unclear:{now.isoformat()}",
-        now,
-        appointment=appointment,
+        session, clinic.id, phone, kind, f"{kind}:{now.isoformat()}", now, appointment=appointment
     )
-    return Handled("needs_attention", [answer] if answer is not None else [])
+    return Handled(result, [answer] if answer is not None else [])
