@@ -221,16 +221,16 @@ router = APIRouter(prefix="/v1", tags=["appointments"])
 def put_appointment(external_id: str, body: AppointmentIn, clinic_id: ClinicId) -> JSONResponse:
     """Creates or updates an appointment. The same body twice answers `unchanged`."""
 
-    def work(session: Session, clinic: Clinic) -> tuple[Upserted, AppointmentOut]:
+    def work(session: Session, clinic: Clinic) -> AppointmentOut:
         try:
-            done = Intake(session, clinic, _now(), _secret()).upsert(external_id, body)
+            appointment, result = Intake(session, clinic, _now(), _secret()).put(external_id, body)
         except IntakeError as exc:
             raise _intake_problem(exc) from None
         session.flush()
-        return done, AppointmentOut.of(done.appointment, done.result)
+        return AppointmentOut.of(appointment, result)
 
-    done, out = _transaction(work, clinic_id)
-    status = 201 if done.result == "created" else 200
+    out = _transaction(work, clinic_id)
+    status = 201 if out.result == "created" else 200
     return JSONResponse(out.model_dump(mode="json"), status_code=status)
 
 
@@ -286,6 +286,7 @@ def cancel_appointment(external_id: str, clinic_id: ClinicId) -> AppointmentOut:
         except LookupError:
             raise _not_found(external_id) from None
         session.flush()
+        assert done.appointment is not None
         return AppointmentOut.of(done.appointment, done.result)
 
     return _transaction(work, clinic_id)

@@ -8,10 +8,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy.orm import Session
 
 from reminders import schedule
+from reminders.db import Base
 from reminders.models import Appointment, Clinic, Patient, Reminder
 from reminders.normalize import choose_language, parse_phone
 from reminders.schemas import AppointmentIn, BatchItem, PatientIn, Result, check_external_id
@@ -32,7 +33,8 @@ class IntakeError(ValueError):
 
 @dataclass(frozen=True)
 class Upserted:
-    appointment: Appointment
+    # None for an appointment created in bulk and not read back (see Intake.finish).
+    appointment: Appointment | None
     result: Result
 
 
@@ -93,6 +95,10 @@ class Intake:
         self.timing = clinic_timing(clinic)
         self._patients: dict[str, Patient | None] = {}
         self._appointments: dict[str, Appointment | None] = {}
+        # New rows are inserted in bulk by finish(): plain dicts, no ORM objects (3x faster).
+        self._new_patients: dict[str, dict[str, object]] = {}
+        self._new_appointments: dict[str, dict[str, object]] = {}
+        self._new_reminders: list[tuple[str, dict[str, object]]] = []
 
     def preload(self, external_ids: Iterable[str], patient_ids: Iterable[str]) -> None:
         """Loads the existing rows for a batch in two queries."""
@@ -100,9 +106,9 @@ class Intake:
         for chunk in _chunks(wanted, 500):
             self._appointments.update(dict.fromkeys(chunk))
             rows = self.session.scalars(
-                select(Appointment)
-                .where(Appointment.clinic_id == self.clinic.id, Appointment.external_id.in_(chunk))
-                .options(selectinload(Appointment.reminders))
+                select(Appointment).where(
+                    Appointment.clinic_id == self.clinic.id, Appointment.external_id.in_(chunk)
+                )
             )
             for appointment in rows:
                 self._appointments[appointment.external_id] = appointment
@@ -127,8 +133,11 @@ class Intake:
             self.preload([], [external_id])
         return self._patients[external_id]
 
-    def upsert(self, external_id: str, data: AppointmentIn) -> Upserted:
-        """Creates or updates one appointment; raises IntakeError before writing anything."""
+    def _upsert(self, external_id: str, data: AppointmentIn) -> Upserted:
+        """Creates or updates one appointment; raises IntakeError before writing anything.
+
+        New rows are only buffered: `put` and `batch` write them (finish).
+        """
         try:
             check_external_id(external_id)
         except ValueError as exc:
@@ -136,14 +145,15 @@ class Intake:
         values = _patient_values(self.clinic, data.patient)
         if data.outcome is not None and data.starts_at > self.now:
             raise IntakeError("outcome", "can only be given once the appointment has started")
+        if external_id in self._new_appointments:
+            self.finish()  # the same id twice in one batch: the second sees the first
         existing = self.appointment(external_id)
         if existing is not None and _is_stale(existing, data):
             return Upserted(existing, "stale")
-        patient_changed, patient = self._save_patient(data.patient.external_id, values)
         if existing is None:
-            appointment = self._create(external_id, data, patient)
-            self.plan(appointment)
-            return Upserted(appointment, "created")
+            self._create(external_id, data, values)
+            return Upserted(None, "created")
+        patient_changed, patient = self._save_patient(data.patient.external_id, values)
         old_start = existing.starts_at
         changed = self._update(existing, data, patient)
         if changed or patient_changed:
@@ -158,20 +168,20 @@ class Intake:
         reminders its cancellation skipped.
         """
         patient = appointment.patient
-        if (
-            appointment.status != "booked"
-            or appointment.confirmation == "cancelled_by_patient"
-            or appointment.starts_at <= self.now
-            or not patient.sms_capable
-            or patient.phone_e164 is None
-        ):
+        holdout, items = self._sends(
+            appointment.external_id,
+            patient.external_id,
+            appointment.starts_at,
+            appointment.status,
+            appointment.confirmation,
+            patient.sms_capable,
+            patient.phone_e164,
+            appointment.holdout,
+        )
+        appointment.holdout = holdout
+        if not items:
             return
-        if appointment.holdout is None:
-            appointment.holdout = in_holdout(
-                self.secret, self.clinic.id, patient.external_id, self.clinic.holdout
-            )
-        if appointment.holdout:
-            return
+        assert patient.phone_e164 is not None  # _sends plans nothing without a number
         current = {
             r.rule: r
             for r in appointment.reminders
@@ -187,7 +197,9 @@ class Intake:
             r.appointment_starts_at == moved_from and r.status in WENT_OUT and r.kind != "ack"
             for r in appointment.reminders
         )
-        for item in schedule.plan(appointment.starts_at, self.now, self.timing, moved=moved):
+        if moved:
+            items = schedule.plan(appointment.starts_at, self.now, self.timing, moved=True)
+        for item in items:
             row = current.get(item.rule)
             if row is None:
                 row = Reminder(
@@ -206,34 +218,166 @@ class Intake:
             row.skip_reason = item.skip
 
     def _save_patient(self, external_id: str, values: _PatientValues) -> tuple[bool, Patient]:
-        patient = self._patient(external_id)
-        if patient is None:
-            patient = Patient(clinic_id=self.clinic.id, external_id=external_id, **vars(values))
+        """The patient as an ORM object (an existing appointment points at it)."""
+        new = self._new_patients.pop(external_id, None)
+        if new is not None:
+            patient = Patient(**new)
+            _assign(patient, vars(values))
             self.session.add(patient)
             self._patients[external_id] = patient
             return True, patient
-        return _assign(patient, vars(values)), patient
+        known = self._patient(external_id)
+        if known is None:
+            known = Patient(clinic_id=self.clinic.id, external_id=external_id, **vars(values))
+            self.session.add(known)
+            self._patients[external_id] = known
+            return True, known
+        return _assign(known, vars(values)), known
 
-    def _create(self, external_id: str, data: AppointmentIn, patient: Patient) -> Appointment:
-        appointment = Appointment(
-            clinic_id=self.clinic.id,
-            external_id=external_id,
-            patient=patient,
-            starts_at=data.starts_at.astimezone(dt.UTC),
-            duration_minutes=data.duration_minutes,
-            practitioner=data.practitioner or None,
-            location=data.location or None,
-            kind=data.kind or None,
-            status=data.status,
-            confirmation="unconfirmed",
-            outcome=data.outcome,
-            source_updated_at=_utc(data.source_updated_at),
-            booked_at=self.now,
+    def _create(self, external_id: str, data: AppointmentIn, values: _PatientValues) -> None:
+        """Buffers a new appointment (and its patient and reminders) for finish()."""
+        key = data.patient.external_id
+        patient = self._patient(key) if key not in self._new_patients else None
+        if patient is not None:
+            _assign(patient, vars(values))
+        else:
+            row = self._new_patients.setdefault(
+                key, {"clinic_id": self.clinic.id, "external_id": key}
+            )
+            row.update(vars(values))
+        starts_at = data.starts_at.astimezone(dt.UTC)
+        appointment: dict[str, object] = {
+            "clinic_id": self.clinic.id,
+            "external_id": external_id,
+            "starts_at": starts_at,
+            "duration_minutes": data.duration_minutes,
+            "practitioner": data.practitioner or None,
+            "location": data.location or None,
+            "kind": data.kind or None,
+            "status": data.status,
+            "confirmation": "unconfirmed",
+            "outcome": data.outcome,
+            "source_updated_at": _utc(data.source_updated_at),
+            "booked_at": self.now,
+            "decided_at": None,
+            "holdout": None,
+            "link_token": None,
+            "_patient": key,
+        }
+        self._new_appointments[external_id] = appointment
+        holdout, items = self._sends(
+            external_id,
+            key,
+            starts_at,
+            data.status,
+            "unconfirmed",
+            values.sms_capable,
+            values.phone_e164,
+            None,
         )
-        appointment.reminders = []
-        self.session.add(appointment)
-        self._appointments[external_id] = appointment
-        return appointment
+        appointment["holdout"] = holdout
+        if items:
+            appointment["link_token"] = link_token(self.secret, self.clinic.id, external_id)
+        for item in items:
+            self._new_reminders.append(
+                (
+                    external_id,
+                    {
+                        "clinic_id": self.clinic.id,
+                        "phone_e164": values.phone_e164,
+                        "kind": item.kind,
+                        "rule": item.rule,
+                        "appointment_starts_at": starts_at,
+                        "due_at": item.due_at,
+                        "send_by": item.send_by,
+                        "status": "planned" if item.skip is None else "skipped",
+                        "skip_reason": item.skip,
+                        "attempts": 0,
+                    },
+                )
+            )
+
+    def _sends(
+        self,
+        external_id: str,
+        patient_key: str,
+        starts_at: dt.datetime,
+        status: str,
+        confirmation: str,
+        sms_capable: bool,
+        phone: str | None,
+        holdout: bool | None,
+        moved: bool = False,
+    ) -> tuple[bool | None, list[schedule.Planned]]:
+        """The holdout arm (drawn when first needed) and the sends to plan for a booking."""
+        if (
+            status != "booked"
+            or confirmation == "cancelled_by_patient"
+            or starts_at <= self.now
+            or not sms_capable
+            or phone is None
+        ):
+            return holdout, []
+        if holdout is None:
+            holdout = in_holdout(self.secret, self.clinic.id, patient_key, self.clinic.holdout)
+        if holdout:
+            return holdout, []
+        return holdout, schedule.plan(starts_at, self.now, self.timing, moved=moved)
+
+    def finish(self) -> None:
+        """Writes the buffered new patients, appointments and reminders, in bulk.
+
+        On PostgreSQL their ids are drawn from the sequences first, so the inserts need no
+        RETURNING and go as one pipelined executemany each (psycopg rewrites the placeholders
+        of a multi-row INSERT in Python, which costs more than the database work).
+        """
+        self.session.flush()
+        if not self._new_appointments:
+            self._new_patients.clear()
+            return
+        patient_ids = {
+            key: patient.id for key, patient in self._patients.items() if patient is not None
+        }
+        patient_ids |= self._insert(Patient, list(self._new_patients.values()), "external_id")
+        rows = list(self._new_appointments.values())
+        for row in rows:
+            row["patient_id"] = patient_ids[str(row.pop("_patient"))]
+        appointment_ids = self._insert(Appointment, rows, "external_id")
+        reminders = [
+            {**row, "appointment_id": appointment_ids[external_id]}
+            for external_id, row in self._new_reminders
+        ]
+        if reminders:
+            self.session.execute(insert(_table(Reminder)), reminders)
+        for key in self._new_patients:
+            self._patients.pop(key, None)  # read back from the database when next needed
+        for external_id in self._new_appointments:
+            self._appointments.pop(external_id, None)
+        self._new_patients.clear()
+        self._new_appointments.clear()
+        self._new_reminders.clear()
+
+    def _insert(
+        self, model: type[Patient] | type[Appointment], rows: list[dict[str, object]], key: str
+    ) -> dict[str, int]:
+        """Inserts rows; returns their ids by `key` (external_id)."""
+        if not rows:
+            return {}
+        table = _table(model)
+        if self.session.get_bind().dialect.name == "postgresql":
+            ids = self.session.scalars(
+                select(func.nextval(func.pg_get_serial_sequence(table.name, "id"))).select_from(
+                    func.generate_series(1, len(rows))
+                )
+            ).all()
+            for row, new_id in zip(rows, ids, strict=True):
+                row["id"] = new_id
+            self.session.execute(insert(table), rows)
+            return {str(row[key]): int(str(row["id"])) for row in rows}
+        inserted = self.session.execute(
+            insert(table).returning(table.c.id, table.c[key], sort_by_parameter_order=True), rows
+        )
+        return {str(external): int(new_id) for new_id, external in inserted}
 
     def _update(self, appointment: Appointment, data: AppointmentIn, patient: Patient) -> bool:
         starts_at = data.starts_at.astimezone(dt.UTC)
@@ -281,10 +425,19 @@ class Intake:
         results: list[Upserted | IntakeError] = []
         for item in items:
             try:
-                results.append(self.upsert(item.external_id, item))
+                results.append(self._upsert(item.external_id, item))
             except IntakeError as exc:
                 results.append(exc)
+        self.finish()
         return results
+
+    def put(self, external_id: str, data: AppointmentIn) -> tuple[Appointment, Result]:
+        """One upsert, written, with the appointment read back for the answer."""
+        done = self._upsert(external_id, data)
+        self.finish()
+        appointment = done.appointment or self.appointment(external_id)
+        assert appointment is not None
+        return appointment, done.result
 
 
 def drop_pending(session: Session, appointment: Appointment, reason: str) -> None:
@@ -325,3 +478,9 @@ def clinic_timing(clinic: Clinic) -> schedule.Timing:
         quiet=quiet,
         deadline=dt.timedelta(minutes=clinic.deadline_minutes),
     )
+
+
+def _table(model: type[Base]) -> Table:
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table

@@ -87,7 +87,7 @@ def book(cast: Cast, external_id: str = "A1", now: dt.datetime = BOOKED, **extra
     with db.session_scope() as session:
         clinic = session.get(Clinic, cast.clinic_id)
         assert clinic is not None
-        Intake(session, clinic, now, TEST_SECRET.encode()).upsert(
+        Intake(session, clinic, now, TEST_SECRET.encode()).put(
             external_id, AppointmentIn.model_validate(data)
         )
 

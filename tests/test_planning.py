@@ -31,9 +31,7 @@ def push(cast: Cast, external_id: str, data: AppointmentIn, now: dt.datetime = N
     with db.session_scope() as session:
         clinic = session.get(Clinic, cast.clinic_id)
         assert clinic is not None
-        appointment = (
-            Intake(session, clinic, now, TEST_SECRET.encode()).upsert(external_id, data).appointment
-        )
+        appointment, _ = Intake(session, clinic, now, TEST_SECRET.encode()).put(external_id, data)
         session.flush()
         return [(r.rule, r.kind, r.status, r.skip_reason) for r in appointment.reminders]
 

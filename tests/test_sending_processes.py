@@ -44,7 +44,7 @@ def book_many(
                     "patient": {"external_id": f"P{i}", "phone": f"+3361234{i:04d}"},
                 }
             )
-            intake.upsert(f"A{i}", body)
+            intake.put(f"A{i}", body)
 
 
 def new_clinic(quiet_hours: str | None = "none") -> int:
