@@ -130,6 +130,9 @@ class Appointment(Timestamps, Base):
     holdout: Mapped[bool | None] = mapped_column(Boolean)
     # The patient link's token (/c/{token}): a keyed hash, made with the first reminder.
     link_token: Mapped[str | None] = mapped_column(String(32), unique=True)
+    # A digest of the last body the clinic pushed that was applied in full: the same body again
+    # is answered `unchanged` without reading the row. Cleared by any other change.
+    content_hash: Mapped[str | None] = mapped_column(String(32))
 
     patient: Mapped[Patient] = relationship(lazy="joined", innerjoin=True)
     reminders: Mapped[list[Reminder]] = relationship(

@@ -4,11 +4,13 @@ commit (the caller owns the transaction) and validate everything before writing 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy import Table, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from reminders import schedule
@@ -99,6 +101,8 @@ class Intake:
         self._new_patients: dict[str, dict[str, object]] = {}
         self._new_appointments: dict[str, dict[str, object]] = {}
         self._new_reminders: list[tuple[str, dict[str, object]]] = []
+        # external_id -> (digest of the last body applied, its source_updated_at)
+        self._digests: dict[str, tuple[str | None, dt.datetime | None]] = {}
 
     def preload(self, external_ids: Iterable[str], patient_ids: Iterable[str]) -> None:
         """Loads the existing rows for a batch in two queries."""
@@ -123,6 +127,36 @@ class Intake:
             ):
                 self._patients[patient.external_id] = patient
 
+    def _load_digests(self, external_ids: Iterable[str]) -> None:
+        """The stored digests of these appointments, without loading the rows."""
+        wanted = [e for e in set(external_ids) if e not in self._digests]
+        for chunk in _chunks(wanted, 500):
+            self._digests.update(dict.fromkeys(chunk, (None, None)))
+            rows = self.session.execute(
+                select(
+                    Appointment.external_id,
+                    Appointment.content_hash,
+                    Appointment.source_updated_at,
+                ).where(Appointment.clinic_id == self.clinic.id, Appointment.external_id.in_(chunk))
+            )
+            for external_id, digest, source_updated_at in rows:
+                self._digests[external_id] = (digest, source_updated_at)
+
+    def _repeat(self, external_id: str, data: AppointmentIn, digest: str) -> Result | None:
+        """`unchanged` (or `stale`) when this exact body was applied last; else None."""
+        if external_id in self._new_appointments:
+            return None
+        self._load_digests([external_id])
+        stored, stored_at = self._digests[external_id]
+        if stored != digest:
+            return None
+        incoming = _utc(data.source_updated_at)
+        if incoming is None or (stored_at is not None and incoming == stored_at):
+            return "unchanged"
+        if stored_at is not None and incoming < stored_at:
+            return "stale"
+        return None  # a newer clock: remembered through the full path
+
     def appointment(self, external_id: str) -> Appointment | None:
         if external_id not in self._appointments:
             self.preload([external_id], [])
@@ -142,6 +176,10 @@ class Intake:
             check_external_id(external_id)
         except ValueError as exc:
             raise IntakeError("external_id", str(exc)) from None
+        digest = content_digest(self.clinic, data)
+        repeat = self._repeat(external_id, data, digest)
+        if repeat is not None:
+            return Upserted(None, repeat)
         values = _patient_values(self.clinic, data.patient)
         if data.outcome is not None and data.starts_at > self.now:
             raise IntakeError("outcome", "can only be given once the appointment has started")
@@ -151,13 +189,15 @@ class Intake:
         if existing is not None and _is_stale(existing, data):
             return Upserted(existing, "stale")
         if existing is None:
-            self._create(external_id, data, values)
+            self._create(external_id, data, values, digest)
             return Upserted(None, "created")
         patient_changed, patient = self._save_patient(data.patient.external_id, values)
         old_start = existing.starts_at
         changed = self._update(existing, data, patient)
         if changed or patient_changed:
             self.plan(existing, moved_from=old_start if existing.starts_at != old_start else None)
+        existing.content_hash = digest
+        self._digests[external_id] = (digest, existing.source_updated_at)
         return Upserted(existing, "updated" if changed or patient_changed else "unchanged")
 
     def plan(self, appointment: Appointment, moved_from: dt.datetime | None = None) -> None:
@@ -234,7 +274,9 @@ class Intake:
             return True, known
         return _assign(known, vars(values)), known
 
-    def _create(self, external_id: str, data: AppointmentIn, values: _PatientValues) -> None:
+    def _create(
+        self, external_id: str, data: AppointmentIn, values: _PatientValues, digest: str
+    ) -> None:
         """Buffers a new appointment (and its patient and reminders) for finish()."""
         key = data.patient.external_id
         patient = self._patient(key) if key not in self._new_patients else None
@@ -262,6 +304,7 @@ class Intake:
             "decided_at": None,
             "holdout": None,
             "link_token": None,
+            "content_hash": digest,
             "_patient": key,
         }
         self._new_appointments[external_id] = appointment
@@ -349,10 +392,16 @@ class Intake:
         ]
         if reminders:
             self.session.execute(insert(_table(Reminder)), reminders)
+        if len(rows) >= 100:
+            refresh_statistics(self.session)
         for key in self._new_patients:
             self._patients.pop(key, None)  # read back from the database when next needed
-        for external_id in self._new_appointments:
+        for external_id, row in self._new_appointments.items():
             self._appointments.pop(external_id, None)
+            self._digests[external_id] = (
+                str(row["content_hash"]),
+                _utc(row["source_updated_at"]),  # type: ignore[arg-type]
+            )
         self._new_patients.clear()
         self._new_appointments.clear()
         self._new_reminders.clear()
@@ -416,12 +465,18 @@ class Intake:
         if appointment.status == "cancelled":
             return Upserted(appointment, "unchanged")
         appointment.status = "cancelled"
+        appointment.content_hash = None  # the same body again must book it again
+        self._digests.pop(external_id, None)
         drop_pending(self.session, appointment, "cancelled")
         return Upserted(appointment, "cancelled")
 
     def batch(self, items: Sequence[BatchItem]) -> list[Upserted | IntakeError]:
         """Applies valid items in order; a bad item gives its error and never blocks the others."""
-        self.preload([i.external_id for i in items], [i.patient.external_id for i in items])
+        self._load_digests(i.external_id for i in items)
+        fresh = [
+            i for i in items if self._digests[i.external_id][0] != content_digest(self.clinic, i)
+        ]
+        self.preload([i.external_id for i in fresh], [i.patient.external_id for i in fresh])
         results: list[Upserted | IntakeError] = []
         for item in items:
             try:
@@ -484,3 +539,36 @@ def _table(model: type[Base]) -> Table:
     table = model.__table__
     assert isinstance(table, Table)
     return table
+
+
+def content_digest(clinic: Clinic, data: AppointmentIn) -> str:
+    """A digest of what a push says (its clock aside), and of the clinic settings that shape how
+    it is read: the same digest means the same body."""
+    payload = data.model_dump(mode="json", exclude={"source_updated_at", "external_id"})
+    raw = json.dumps([clinic.country, clinic.language, payload], sort_keys=True)
+    return hashlib.blake2b(raw.encode(), digest_size=16).hexdigest()
+
+
+def refresh_statistics(session: Session) -> None:
+    """ANALYZE the intake tables when they grew by a fifth since the last one (PostgreSQL).
+
+    A go-live import fills empty tables faster than autovacuum samples them; with statistics
+    that still say "empty", the planner looks appointments up through the wrong index and each
+    batch scans all of the clinic's rows.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    stale = (
+        session.execute(
+            text(
+                "SELECT relname FROM pg_stat_user_tables "
+                "WHERE relid IN ('appointments'::regclass, 'patients'::regclass, "
+                "'reminders'::regclass) "
+                "AND n_mod_since_analyze > GREATEST(1000, n_live_tup / 5)"
+            )
+        )
+        .scalars()
+        .all()
+    )
+    for table in stale:
+        session.execute(text(f"ANALYZE {table}"))

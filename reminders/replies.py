@@ -79,7 +79,8 @@ def _guarded(
     allowed: tuple[str, ...],
     now: dt.datetime,
 ) -> bool:
-    values: dict[str, object] = {"confirmation": to, "decided_at": now}
+    # The clinic's next push must be read in full, not answered from its digest.
+    values: dict[str, object] = {"confirmation": to, "decided_at": now, "content_hash": None}
     if to == "cancelled_by_patient":
         values["status"] = "cancelled"
     result = session.execute(

@@ -514,3 +514,23 @@ def test_openapi_and_docs_are_served(client: TestClient) -> None:
 
 def test_an_unknown_route_is_a_problem(client: TestClient) -> None:
     assert_problem(client.get("/v2/nothing"), 404, "path")
+
+
+def test_the_same_body_after_a_clinic_cancellation_books_again(
+    client: TestClient, cast: Cast
+) -> None:
+    put(client, cast)
+    client.post("/v1/appointments/A1/cancel", headers=cast.auth)
+    again = put(client, cast)
+    assert again.json()["result"] == "updated"
+    assert again.json()["status"] == "booked"
+    assert {m["status"] for m in again.json()["messages"]} == {"planned"}
+
+
+def test_an_older_clock_on_an_identical_body_is_stale(client: TestClient, cast: Cast) -> None:
+    put(client, cast, source_updated_at="2026-11-20T10:00:00Z")
+    older = put(client, cast, source_updated_at="2026-11-19T10:00:00Z")
+    assert older.json()["result"] == "stale"
+    newer = put(client, cast, source_updated_at="2026-11-21T10:00:00Z")
+    assert newer.json()["result"] == "unchanged"
+    assert newer.json()["source_updated_at"] == "2026-11-21T10:00:00Z"
