@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-all lint fmt types check bench-ingest clean
+.PHONY: setup run test lint fmt types check bench-ingest bench-scan bench-send bench-replies clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,15 @@ check: lint types test  ## everything CI runs
 
 bench-ingest: $(STAMP)  ## appointments/s through the batch endpoint into PostgreSQL
 	$(BIN)/python bench/ingest.py
+
+bench-scan: $(STAMP)  ## idle tick and busy-hour claim rate over 1M appointments (PostgreSQL, Redis)
+	$(BIN)/python bench/scan.py
+
+bench-send: $(STAMP)  ## SMS/s, CPU and memory of one worker through Redis and the Vonage stand-in
+	$(BIN)/python bench/send.py
+
+bench-replies: $(STAMP)  ## signed replies and link pages under an open-loop load: latency
+	$(BIN)/python bench/replies.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
