@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from sqlalchemy import select, text
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -190,8 +190,14 @@ def _transaction(work: Callable[[Session, Clinic], T], clinic_id: int) -> T:
                 clinic = session.get(Clinic, clinic_id)
                 assert clinic is not None
                 return work(session, clinic)
-        except IntegrityError:
-            if attempt == 3:
+        except (IntegrityError, OperationalError) as exc:
+            # A concurrent insert of the same id won, or PostgreSQL broke a deadlock between
+            # two batches: the work is idempotent, so run it again.
+            transient = isinstance(exc, IntegrityError) or getattr(exc.orig, "sqlstate", None) in (
+                "40P01",
+                "40001",
+            )
+            if attempt == 3 or not transient:
                 raise
     raise AssertionError("unreachable")
 

@@ -148,7 +148,8 @@ class Reminder(Timestamps, Base):
         # One (appointment, rule, start time) can never give two rows.
         UniqueConstraint("appointment_id", "rule", "appointment_starts_at"),
         CheckConstraint(_in("status", REMINDER_STATUSES), name="status_known"),
-        Index("ix_reminders_status_due", "status", "due_at"),
+        # The daily cap counts a clinic's SMS since its midnight.
+        Index("ix_reminders_clinic_claimed", "clinic_id", "claimed_at"),
         # The scheduler's scans touch only the small set of rows still in play, so an idle tick
         # costs the same at any table size.
         Index(
@@ -164,11 +165,10 @@ class Reminder(Timestamps, Base):
             postgresql_where=text("status IN ('queued', 'sending', 'unknown')"),
             sqlite_where=text("status IN ('queued', 'sending', 'unknown')"),
         ),
-        Index("ix_reminders_appointment_id", "appointment_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinics.id", ondelete="CASCADE"), index=True)
+    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinics.id", ondelete="CASCADE"))
     appointment_id: Mapped[int | None] = mapped_column(ForeignKey("appointments.id"))
     phone_e164: Mapped[str] = mapped_column(String(20))
     kind: Mapped[str] = mapped_column(String(16))  # reminder, late, moved, ack, ...

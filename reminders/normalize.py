@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import langcodes
 import phonenumbers
@@ -36,6 +37,7 @@ class LanguageChoice:
     fallback: bool
 
 
+@lru_cache(maxsize=65536)  # exports repeat numbers; a big import re-pushes them all
 def parse_phone(raw: str, country: str) -> Phone:
     """Parses a number written the local way (default region `country`) or in +E.164.
 
@@ -71,6 +73,7 @@ def base_language(tag: str) -> str | None:
     return language
 
 
+@lru_cache(maxsize=4096)
 def choose_language(requested: str | None, clinic_language: str) -> LanguageChoice:
     """The language whose texts the patient gets: theirs when built in, else the clinic's."""
     if requested is None or not requested.strip():
