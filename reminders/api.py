@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from reminders import __version__, events, links, replies, webhooks
+from reminders import __version__, events, fhir, links, replies, webhooks
 from reminders.clinics import clinic_by_api_key
 from reminders.config import get_settings
 from reminders.db import session_scope
@@ -441,6 +441,7 @@ def create_app() -> FastAPI:
     )
     app.include_router(router)
     app.include_router(webhooks.router)
+    app.include_router(fhir.router)
     app.include_router(health)
     app.include_router(links.router)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
