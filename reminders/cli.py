@@ -352,6 +352,26 @@ def clinic_list(as_json: JsonOption = False) -> None:
 ClinicOption = Annotated[int, typer.Option("--clinic", metavar="ID", help="The clinic's id.")]
 
 
+@app.command()
+def mllp(
+    clinic_id: ClinicOption,
+    host: HostOption = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 2575,
+) -> None:
+    """An HL7v2 SIU listener (MLLP) for one clinic; each message is acknowledged AA/AE/AR."""
+    from reminders import siu
+
+    config = settings()
+    prepare_database(config, auto_migrate=config.is_sqlite)
+    _logging()
+    try:
+        with db.session_scope() as session:
+            clinics.get_clinic(session, clinic_id)
+    except clinics.ClinicError as exc:
+        fail(str(exc))
+    siu.run(clinic_id, host, port)
+
+
 @template_app.command("check")
 def template_check(
     clinic_id: Annotated[

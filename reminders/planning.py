@@ -438,7 +438,9 @@ class Intake:
             return {}
         table = _table(model)
         rows = sorted(rows, key=lambda r: str(r[key]))  # one lock order for concurrent batches
-        if self.session.get_bind().dialect.name == "postgresql":
+        # Big batches: ids from the sequence, then a pipelined executemany. A few rows: one
+        # INSERT ... RETURNING is fewer round trips.
+        if self.session.get_bind().dialect.name == "postgresql" and len(rows) > 20:
             ids = self.session.scalars(
                 select(func.nextval(func.pg_get_serial_sequence(table.name, "id"))).select_from(
                     func.generate_series(1, len(rows))

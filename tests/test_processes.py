@@ -128,3 +128,56 @@ def test_readiness_checks_redis(
         down = client.get("/readyz")
         assert down.status_code == 503
         assert down.json()["errors"][0]["field"] == "redis"
+
+
+def test_mllp_listens_acknowledges_and_stops_cleanly(database: str, tmp_path: Path) -> None:
+    from reminders import db as database_module
+    from reminders.clinics import ClinicOptions, create_clinic
+    from reminders.siu import frame
+
+    with database_module.session_scope() as session:
+        clinic, _ = create_clinic(
+            session,
+            ClinicOptions(name="Hôpital", timezone="Europe/Paris", country="FR", language="fr"),
+        )
+        clinic_id = clinic.id
+    port = free_port()
+    process = subprocess.Popen(
+        [*REMINDERS, "mllp", "--clinic", str(clinic_id), "--port", str(port)],
+        env=clean_env(REMINDERS_DATABASE_URL=database, REMINDERS_SECRET_KEY=TEST_SECRET),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        message = (Path(__file__).parent / "data" / "hl7" / "s12_v251_tq1.hl7").read_text()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                connection = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the listener did not come up"
+                time.sleep(0.1)  # waiting for a real process to listen
+        with connection:
+            connection.sendall(frame(message))
+            answer = b""
+            while not answer.endswith(b"\x1c\r"):
+                chunk = connection.recv(4096)
+                assert chunk, "connection closed before the ACK"
+                answer += chunk
+        assert b"MSA|AA|" in answer
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 0, stderr
+
+
+def test_mllp_refuses_an_unknown_clinic(database: str) -> None:
+    result = subprocess.run(
+        [*REMINDERS, "mllp", "--clinic", "99", "--port", str(free_port())],
+        env=clean_env(REMINDERS_DATABASE_URL=database, REMINDERS_SECRET_KEY=TEST_SECRET),
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert b"no clinic with id 99" in result.stderr
