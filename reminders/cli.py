@@ -352,6 +352,76 @@ def clinic_list(as_json: JsonOption = False) -> None:
 ClinicOption = Annotated[int, typer.Option("--clinic", metavar="ID", help="The clinic's id.")]
 
 
+@app.command("import")
+def import_command(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="The CSV export.")],
+    clinic_id: ClinicOption,
+    mapping: Annotated[
+        str | None, typer.Option("--map", help="Rename the file's columns: old=new,...")
+    ] = None,
+    errors: Annotated[
+        Path | None, typer.Option(help="Where rejected rows go (default FILE.errors.csv).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Check everything, write nothing.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Bulk appointments from CSV: good rows land, bad rows go to the errors file (exit 1)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    from reminders import csv_import
+
+    config = settings()
+    prepare_database(config, auto_migrate=config.is_sqlite)
+    try:
+        columns = csv_import.parse_mapping(mapping) if mapping else None
+        with db.session_scope() as session:
+            clinics.get_clinic(session, clinic_id)
+    except (ValueError, clinics.ClinicError) as exc:
+        fail(f"--map: {exc}" if isinstance(exc, ValueError) and mapping else str(exc))
+    size = file.stat().st_size
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=as_json,
+    )
+    try:
+        with bar:
+            task = bar.add_task(f"importing {file.name}", total=size)
+            summary = csv_import.import_csv(
+                file,
+                clinic_id,
+                mapping=columns,
+                errors_path=errors,
+                dry_run=dry_run,
+                now=actors.real_clock(),
+                progress=lambda done: bar.update(task, completed=done),
+            )
+    except csv_import.CsvError as exc:
+        fail(str(exc))
+    except csv_import.ImportAborted as exc:
+        typer.echo(f"reminders: import stopped: {exc}", err=True)
+        summary = exc.summary
+    result = {
+        "rows": summary.rows,
+        "created": summary.created,
+        "updated": summary.updated,
+        "unchanged": summary.unchanged,
+        "stale": summary.stale,
+        "rejected": summary.rejected,
+        "errors": str(summary.errors_path) if summary.errors_path else None,
+        "dry_run": dry_run,
+    }
+    human = ", ".join(f"{k} {v}" for k, v in result.items() if isinstance(v, int)) + (
+        f"; rejected rows in {summary.errors_path}" if summary.rejected else ""
+    )
+    emit(as_json, result, ("dry run: " if dry_run else "") + human)
+    if summary.rejected:
+        raise typer.Exit(1)
+
+
 @app.command()
 def mllp(
     clinic_id: ClinicOption,

@@ -687,6 +687,8 @@ def apply_waiting_receipts(
             .order_by(DeliveryReceipt.id)
         )
     )
+    if not waiting:
+        return
     reminder = session.get(Reminder, reminder_id)
     assert reminder is not None
     for receipt in waiting:

@@ -339,3 +339,36 @@ def test_template_set_refuses_an_unknown_language_or_kind(database: str, tmp_pat
     )
     assert bad_kind.exit_code == 2
     assert "--kind" in bad_kind.stderr
+
+
+def test_import_lands_good_rows_and_exits_1_with_an_errors_file(
+    database: str, tmp_path: Any
+) -> None:
+    clinic_id = str(add_clinic()["id"])
+    source = tmp_path / "export.csv"
+    source.write_text(
+        "external_id,starts_at,duration_minutes,patient_external_id,patient_name,phone,"
+        "language,practitioner,location,kind,status\n"
+        "A1,2030-03-04 09:30,20,P1,Marie Curie,06 12 34 56 78,fr,Dr Martin,Cabinet 2,consult,\n"
+        "A2,2030-03-04 10:00,0,P2,Pierre,06 12 34 56 79,fr,,,,booked\n"
+    )
+    result = invoke("import", str(source), "--clinic", clinic_id, "--json")
+    assert result.exit_code == 1, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["created"], summary["rejected"], summary["rows"]) == (1, 1, 2)
+    errors = (tmp_path / "export.errors.csv").read_text()
+    assert "duration_minutes" in errors
+    again = json.loads(invoke("import", str(source), "--clinic", clinic_id, "--json").stdout)
+    assert again["unchanged"] == 1
+
+
+def test_import_refuses_a_file_without_a_required_column(database: str, tmp_path: Any) -> None:
+    clinic_id = str(add_clinic()["id"])
+    source = tmp_path / "bad.csv"
+    source.write_text("external_id,starts_at\nA1,2030-03-04 09:30\n")
+    result = invoke("import", str(source), "--clinic", clinic_id)
+    assert result.exit_code == 2
+    assert "missing required column" in result.stderr
+    bad_map = invoke("import", str(source), "--clinic", clinic_id, "--map", "nonsense")
+    assert bad_map.exit_code == 2
+    assert "--map" in bad_map.stderr
