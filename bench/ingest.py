@@ -89,37 +89,138 @@ class SetupError(Exception):
 
 
 FIRST_NAMES_FR = (
-    "Marie", "Jean", "Pierre", "Sophie", "Camille", "Lucas", "Léa", "Hugo", "Chloé", "Louis",
-    "Emma", "Gabriel", "Manon", "Jules", "Inès", "Thomas", "Sarah", "Nicolas", "Julie", "Éric",
-    "Amélie", "François", "Hélène", "Benoît", "Zoé", "Noémie", "Théo", "Anaïs", "Mathis", "Yasmine",
+    "Marie",
+    "Jean",
+    "Pierre",
+    "Sophie",
+    "Camille",
+    "Lucas",
+    "Léa",
+    "Hugo",
+    "Chloé",
+    "Louis",
+    "Emma",
+    "Gabriel",
+    "Manon",
+    "Jules",
+    "Inès",
+    "Thomas",
+    "Sarah",
+    "Nicolas",
+    "Julie",
+    "Éric",
+    "Amélie",
+    "François",
+    "Hélène",
+    "Benoît",
+    "Zoé",
+    "Noémie",
+    "Théo",
+    "Anaïs",
+    "Mathis",
+    "Yasmine",
 )
 LAST_NAMES_FR = (
-    "Martin", "Bernard", "Dubois", "Thomas", "Robert", "Richard", "Petit", "Durand", "Leroy",
-    "Moreau", "Simon", "Laurent", "Lefèvre", "Michel", "Garcia", "David", "Bertrand", "Roux",
-    "Vincent", "Fournier", "Morel", "Girard", "André", "Lefebvre", "Mercier", "Dupont", "Lambert",
-    "Bonnet", "François", "Martinez", "N'Diaye", "Benali", "Nguyen", "Le Gall", "Da Silva",
+    "Martin",
+    "Bernard",
+    "Dubois",
+    "Thomas",
+    "Robert",
+    "Richard",
+    "Petit",
+    "Durand",
+    "Leroy",
+    "Moreau",
+    "Simon",
+    "Laurent",
+    "Lefèvre",
+    "Michel",
+    "Garcia",
+    "David",
+    "Bertrand",
+    "Roux",
+    "Vincent",
+    "Fournier",
+    "Morel",
+    "Girard",
+    "André",
+    "Lefebvre",
+    "Mercier",
+    "Dupont",
+    "Lambert",
+    "Bonnet",
+    "François",
+    "Martinez",
+    "N'Diaye",
+    "Benali",
+    "Nguyen",
+    "Le Gall",
+    "Da Silva",
 )
 NAMES_EN = (
-    "Oliver Smith", "Amelia Jones", "George Taylor", "Isla Brown", "Harry Williams",
-    "Ava Wilson", "Jack Evans", "Mia Thomas", "Charlie Roberts", "Emily Johnson",
+    "Oliver Smith",
+    "Amelia Jones",
+    "George Taylor",
+    "Isla Brown",
+    "Harry Williams",
+    "Ava Wilson",
+    "Jack Evans",
+    "Mia Thomas",
+    "Charlie Roberts",
+    "Emily Johnson",
 )
 NAMES_RU = (
-    "Иван Петров", "Анна Смирнова", "Дмитрий Иванов", "Ольга Кузнецова", "Сергей Попов",
-    "Елена Соколова", "Алексей Лебедев", "Наталья Козлова", "Михаил Новиков", "Мария Морозова",
+    "Иван Петров",
+    "Анна Смирнова",
+    "Дмитрий Иванов",
+    "Ольга Кузнецова",
+    "Сергей Попов",
+    "Елена Соколова",
+    "Алексей Лебедев",
+    "Наталья Козлова",
+    "Михаил Новиков",
+    "Мария Морозова",
 )
 NAMES_ZH = ("王伟", "李娜", "张敏", "刘洋", "陈静", "杨磊", "赵丽", "黄强", "周杰", "吴芳")
 PRACTITIONERS = (
-    "Dr Martin", "Dr Bernard", "Dr Dubois", "Dr Lefèvre", "Dr Nguyen", "Dr Moreau",
-    "Dr Girard", "Dr Benali", "Dr Fournier", "Dr Roux", "Dr Chevalier", "Dr Lambert",
-    "Mme Petit (IDE)", "M. Garnier (kiné)", "Mme Rousseau (sage-femme)", "Dr Da Silva",
+    "Dr Martin",
+    "Dr Bernard",
+    "Dr Dubois",
+    "Dr Lefèvre",
+    "Dr Nguyen",
+    "Dr Moreau",
+    "Dr Girard",
+    "Dr Benali",
+    "Dr Fournier",
+    "Dr Roux",
+    "Dr Chevalier",
+    "Dr Lambert",
+    "Mme Petit (IDE)",
+    "M. Garnier (kiné)",
+    "Mme Rousseau (sage-femme)",
+    "Dr Da Silva",
 )
 LOCATIONS = (
-    "Cabinet 1", "Cabinet 2", "Cabinet 3", "Cabinet 4", "Salle de soins", "Téléconsultation",
-    "Site Nord - Cabinet A", "Site Nord - Cabinet B", "Radiologie", "Kinésithérapie",
+    "Cabinet 1",
+    "Cabinet 2",
+    "Cabinet 3",
+    "Cabinet 4",
+    "Salle de soins",
+    "Téléconsultation",
+    "Site Nord - Cabinet A",
+    "Site Nord - Cabinet B",
+    "Radiologie",
+    "Kinésithérapie",
 )
 KINDS = (
-    ("consultation", 50), ("suivi", 15), ("première consultation", 8), ("vaccination", 6),
-    ("téléconsultation", 6), ("bilan", 5), ("soins infirmiers", 4), ("échographie", 3),
+    ("consultation", 50),
+    ("suivi", 15),
+    ("première consultation", 8),
+    ("vaccination", 6),
+    ("téléconsultation", 6),
+    ("bilan", 5),
+    ("soins infirmiers", 4),
+    ("échographie", 3),
     ("kinésithérapie", 3),
 )
 DURATIONS = ((10, 5), (15, 30), (20, 25), (30, 25), (45, 10), (60, 5))
@@ -172,11 +273,13 @@ def _uk_mobile(rng: random.Random) -> str:
 
 def _russian_mobile(rng: random.Random) -> str:
     number = "9" + str(rng.choice((0, 1, 2, 3, 5, 6, 8))) + _digits(rng, 8)
-    return rng.choice((
-        f"+7 {number[:3]} {number[3:6]}-{number[6:8]}-{number[8:]}",
-        f"+7{number}",
-        f"+7 ({number[:3]}) {number[3:6]} {number[6:8]} {number[8:]}",
-    ))
+    return rng.choice(
+        (
+            f"+7 {number[:3]} {number[3:6]}-{number[6:8]}-{number[8:]}",
+            f"+7{number}",
+            f"+7 ({number[:3]}) {number[3:6]} {number[6:8]} {number[8:]}",
+        )
+    )
 
 
 def _chinese_mobile(rng: random.Random) -> str:
@@ -286,8 +389,10 @@ def reminders_cli(args: list[str], env: dict[str, str]) -> str:
     command = [str(VENV_BIN / "reminders"), *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False, cwd=ROOT)
     if done.returncode != 0:
-        raise SetupError(f"`reminders {' '.join(args)}` exited {done.returncode}: "
-                         f"{done.stderr.strip() or done.stdout.strip()}")
+        raise SetupError(
+            f"`reminders {' '.join(args)}` exited {done.returncode}: "
+            f"{done.stderr.strip() or done.stdout.strip()}"
+        )
     return done.stdout
 
 
@@ -392,10 +497,14 @@ class PostgresCpu:
         after = _postgres_processes()
         try:
             with self.admin.connect() as connection:
-                pids = connection.execute(
-                    text("SELECT pid FROM pg_stat_activity WHERE datname = :name"),
-                    {"name": self.database},
-                ).scalars().all()
+                pids = (
+                    connection.execute(
+                        text("SELECT pid FROM pg_stat_activity WHERE datname = :name"),
+                        {"name": self.database},
+                    )
+                    .scalars()
+                    .all()
+                )
         except Exception:  # statistics are a bonus: never fail the benchmark for them
             return None
         used = [after[pid] - self.before.get(pid, 0.0) for pid in pids if pid in after]
@@ -460,8 +569,14 @@ async def run_pass(
     headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     progress = Progress(
-        TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TextColumn("appointments"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+        TextColumn(f"[bold]{name}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("appointments"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
     )
     async with httpx.AsyncClient(
         base_url=base_url, headers=headers, limits=limits, timeout=httpx.Timeout(300.0)
@@ -487,13 +602,17 @@ async def run_pass(
                 if response.status_code != 200:
                     http_errors += 1
                     counts[f"http {response.status_code}"] += len(ids)
-                    sample(f"batch {ids[0]}..{ids[-1]}: HTTP {response.status_code}: "
-                           f"{response.text[:300]}")
+                    sample(
+                        f"batch {ids[0]}..{ids[-1]}: HTTP {response.status_code}: "
+                        f"{response.text[:300]}"
+                    )
                 else:
                     results = response.json()["results"]
                     if len(results) != len(ids):
-                        sample(f"batch {ids[0]}..{ids[-1]}: {len(results)} results "
-                               f"for {len(ids)} appointments")
+                        sample(
+                            f"batch {ids[0]}..{ids[-1]}: {len(results)} results "
+                            f"for {len(ids)} appointments"
+                        )
                         counts["missing"] += max(0, len(ids) - len(results))
                     for sent_id, result in zip(ids, results, strict=False):
                         outcome = result.get("result")
@@ -564,30 +683,48 @@ def describe_pass(p: PassResult, out: TextIO) -> None:
         postgres = f", PostgreSQL (this database) {p.postgres_cpu_seconds:.1f} s"
     flag = f"  <-- {other} unexpected" if other else ""
     print(f"  {p.name}: results {p.results}{flag}", file=out)
-    print(f"    CPU: API server {p.server_cpu_seconds:.1f} s"
-          f" ({100 * p.server_cpu_seconds / p.seconds:.0f}% of one core){postgres},"
-          f" bench client {p.client_cpu_seconds:.1f} s, whole machine {p.machine_cpu_seconds:.1f} s"
-          f" of {p.seconds * (os.cpu_count() or 1):.1f} s available", file=out)
-    print(f"    batch latency: median {p.latency_p50_ms:.0f} ms, max {p.latency_max_ms:.0f} ms",
-          file=out)
+    print(
+        f"    CPU: API server {p.server_cpu_seconds:.1f} s"
+        f" ({100 * p.server_cpu_seconds / p.seconds:.0f}% of one core){postgres},"
+        f" bench client {p.client_cpu_seconds:.1f} s, whole machine {p.machine_cpu_seconds:.1f} s"
+        f" of {p.seconds * (os.cpu_count() or 1):.1f} s available",
+        file=out,
+    )
+    print(
+        f"    batch latency: median {p.latency_p50_ms:.0f} ms, max {p.latency_max_ms:.0f} ms",
+        file=out,
+    )
     for line in p.samples:
         print(f"    ! {line}", file=out)
 
 
-def report(first: PassResult, rerun: PassResult, peak_rss: float, args: argparse.Namespace,
-           out: TextIO) -> None:
+def report(
+    first: PassResult, rerun: PassResult, peak_rss: float, args: argparse.Namespace, out: TextIO
+) -> None:
     ratio = rerun.rate / first.rate
     first_ok = "ok" if first.rate >= FIRST_TARGET else "MISSED"
     rerun_ok = "ok" if ratio >= RERUN_TARGET else "MISSED"
-    print(f"ingest benchmark: {args.count} appointments, batches of {args.batch}, "
-          f"{args.concurrency} concurrent request(s), {os.cpu_count()} cores", file=out)
-    print(f"first pass: {first.appointments} appointments in {first.seconds:.1f} s = "
-          f"{first.rate:.0f} appointments/s (target >= {FIRST_TARGET:.0f}: {first_ok})", file=out)
-    print(f"re-run (all unchanged): {rerun.appointments} appointments in {rerun.seconds:.1f} s = "
-          f"{rerun.rate:.0f} appointments/s, {ratio:.2f}x the first pass "
-          f"(target >= {RERUN_TARGET:.0f}x: {rerun_ok})", file=out)
-    print(f"API server: {first.server_cpu_seconds:.1f} + {rerun.server_cpu_seconds:.1f} CPU s, "
-          f"peak RSS {peak_rss:.0f} MiB", file=out)
+    print(
+        f"ingest benchmark: {args.count} appointments, batches of {args.batch}, "
+        f"{args.concurrency} concurrent request(s), {os.cpu_count()} cores",
+        file=out,
+    )
+    print(
+        f"first pass: {first.appointments} appointments in {first.seconds:.1f} s = "
+        f"{first.rate:.0f} appointments/s (target >= {FIRST_TARGET:.0f}: {first_ok})",
+        file=out,
+    )
+    print(
+        f"re-run (all unchanged): {rerun.appointments} appointments in {rerun.seconds:.1f} s = "
+        f"{rerun.rate:.0f} appointments/s, {ratio:.2f}x the first pass "
+        f"(target >= {RERUN_TARGET:.0f}x: {rerun_ok})",
+        file=out,
+    )
+    print(
+        f"API server: {first.server_cpu_seconds:.1f} + {rerun.server_cpu_seconds:.1f} CPU s, "
+        f"peak RSS {peak_rss:.0f} MiB",
+        file=out,
+    )
     describe_pass(first, out)
     describe_pass(rerun, out)
     errors = first.errors + rerun.errors
@@ -602,13 +739,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--count", type=int, default=100_000, help="appointments (default 100000)")
     parser.add_argument("--batch", type=int, default=1000, help="per request, at most 1000")
     parser.add_argument(
-        "--concurrency", type=int, default=DEFAULT_CONCURRENCY,
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
         help=f"requests at a time (default {DEFAULT_CONCURRENCY}, see the docstring)",
     )
     parser.add_argument("--seed", type=int, default=20261124, help="data seed")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    parser.add_argument("--keep-log", type=Path, default=None,
-                        help="also copy the API server's log to this file")
+    parser.add_argument(
+        "--keep-log", type=Path, default=None, help="also copy the API server's log to this file"
+    )
     args = parser.parse_args(argv)
     if args.count < 1 or not 1 <= args.batch <= 1000 or args.concurrency < 1:
         parser.error("--count and --concurrency must be >= 1, --batch between 1 and 1000")
@@ -642,30 +782,65 @@ def main(argv: Sequence[str] | None = None) -> int:
     appointments = generate(args.count, args.seed, dt.date.today())
     batches = encode_batches(appointments, args.batch)
     patients = len({a["patient"]["external_id"] for a in appointments})
-    console.print(f"generated {len(appointments)} appointments for {patients} patients "
-                  f"in {time.perf_counter() - started:.1f} s "
-                  f"({sum(len(b) for _, b in batches) / 1e6:.1f} MB of JSON)")
+    console.print(
+        f"generated {len(appointments)} appointments for {patients} patients "
+        f"in {time.perf_counter() - started:.1f} s "
+        f"({sum(len(b) for _, b in batches) / 1e6:.1f} MB of JSON)"
+    )
 
     log = tempfile.NamedTemporaryFile("w+", prefix="reminders-api-", suffix=".log")  # noqa: SIM115
     try:
         recreate_database(database_url)
         reminders_cli(["migrate"], env)
-        clinic = json.loads(reminders_cli(
-            ["clinic", "add", "Bench", "--timezone", TIMEZONE, "--country", "FR",
-             "--language", "fr", "--json"], env))
+        clinic = json.loads(
+            reminders_cli(
+                [
+                    "clinic",
+                    "add",
+                    "Bench",
+                    "--timezone",
+                    TIMEZONE,
+                    "--country",
+                    "FR",
+                    "--language",
+                    "fr",
+                    "--json",
+                ],
+                env,
+            )
+        )
         postgres = PostgresCpu(database_url)
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
         with api_server(env, port, log) as server:
             wait_ready(server, base_url)
-            console.print(f"reminders api (pid {server.pid}) ready at {base_url}, "
-                          f"clinic {clinic['id']}")
-            first = asyncio.run(run_pass("first pass", "created", base_url, clinic["api_key"],
-                                         batches, args.concurrency, server.pid,
-                                         postgres))
-            rerun = asyncio.run(run_pass("re-run", "unchanged", base_url, clinic["api_key"],
-                                         batches, args.concurrency, server.pid,
-                                         postgres))
+            console.print(
+                f"reminders api (pid {server.pid}) ready at {base_url}, clinic {clinic['id']}"
+            )
+            first = asyncio.run(
+                run_pass(
+                    "first pass",
+                    "created",
+                    base_url,
+                    clinic["api_key"],
+                    batches,
+                    args.concurrency,
+                    server.pid,
+                    postgres,
+                )
+            )
+            rerun = asyncio.run(
+                run_pass(
+                    "re-run",
+                    "unchanged",
+                    base_url,
+                    clinic["api_key"],
+                    batches,
+                    args.concurrency,
+                    server.pid,
+                    postgres,
+                )
+            )
             peak_rss = peak_rss_mib(server.pid)
     except SetupError as exc:
         console.print(f"[red]bench: {exc}[/red]")
@@ -682,14 +857,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.close()
     if args.json:
         ratio = rerun.rate / first.rate
-        print(json.dumps({
-            "count": args.count, "batch": args.batch, "concurrency": args.concurrency,
-            "cores": os.cpu_count(), "peak_rss_mib": peak_rss, "rerun_speedup": ratio,
-            "targets": {"first_rate": FIRST_TARGET, "rerun_speedup": RERUN_TARGET,
+        print(
+            json.dumps(
+                {
+                    "count": args.count,
+                    "batch": args.batch,
+                    "concurrency": args.concurrency,
+                    "cores": os.cpu_count(),
+                    "peak_rss_mib": peak_rss,
+                    "rerun_speedup": ratio,
+                    "targets": {
+                        "first_rate": FIRST_TARGET,
+                        "rerun_speedup": RERUN_TARGET,
                         "first_met": first.rate >= FIRST_TARGET,
-                        "rerun_met": ratio >= RERUN_TARGET},
-            "first": asdict(first), "rerun": asdict(rerun),
-        }, indent=2))
+                        "rerun_met": ratio >= RERUN_TARGET,
+                    },
+                    "first": asdict(first),
+                    "rerun": asdict(rerun),
+                },
+                indent=2,
+            )
+        )
     else:
         report(first, rerun, peak_rss, args, sys.stdout)
     return 1 if failed else 0
