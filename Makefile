@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint fmt types check bench-ingest bench-scan bench-send bench-replies clean
+.PHONY: setup run test lint fmt types check bench-ingest bench-scan bench-send bench-replies bench-formats clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,9 @@ bench-send: $(STAMP)  ## SMS/s, CPU and memory of one worker through Redis and t
 
 bench-replies: $(STAMP)  ## signed replies and link pages under an open-loop load: latency
 	$(BIN)/python bench/replies.py
+
+bench-formats: $(STAMP)  ## MLLP messages/s, FHIR appointments/s, CSV rows/s and memory
+	$(BIN)/python bench/intake_formats.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
