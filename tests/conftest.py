@@ -10,8 +10,10 @@ import datetime as dt
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -212,3 +214,19 @@ def appointment_body(**overrides: object) -> dict[str, object]:
     }
     body.update(overrides)
     return body
+
+
+@contextmanager
+def statements() -> Iterator[list[str]]:
+    """The first word (SELECT, INSERT...) of every SQL statement the application runs meanwhile."""
+    seen: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement.strip().split()[0].upper())
+
+    engine = db.get_engine()
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)

@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 
 from reminders import db
 from reminders.config import get_settings
 from reminders.models import Appointment, AppSetting, Patient
 from reminders.security import secret_key
-from tests.conftest import Cast, appointment_body
-
-
-@contextmanager
-def statements() -> Iterator[list[str]]:
-    """Every SQL statement the application runs meanwhile."""
-    seen: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        seen.append(statement.strip().split()[0].upper())
-
-    engine = db.get_engine()
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield seen
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
+from tests.conftest import Cast, appointment_body, statements
 
 
 def test_an_identical_push_runs_no_write_statement(client: TestClient, cast: Cast) -> None:

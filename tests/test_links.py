@@ -7,7 +7,6 @@ import ipaddress
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -19,7 +18,7 @@ import time_machine
 from babel.dates import format_date
 from dramatiq.brokers.stub import StubBroker
 from fastapi.testclient import TestClient
-from sqlalchemy import event, select
+from sqlalchemy import select
 from starlette.requests import Request
 
 from reminders import db, links
@@ -27,7 +26,7 @@ from reminders.api import create_app
 from reminders.broker import QUEUE
 from reminders.config import get_settings
 from reminders.models import Appointment, Event, Reminder
-from tests.conftest import STARTS_AT, Cast, appointment_body
+from tests.conftest import STARTS_AT, Cast, appointment_body, statements
 
 FRENCH = appointment_body()
 RUSSIAN = appointment_body(
@@ -98,22 +97,6 @@ def snapshot() -> dict[str, list[tuple[Any, ...]]]:
             model.__tablename__: [tuple(r) for r in session.execute(select(model.__table__)).all()]
             for model in (Appointment, Reminder, Event)
         }
-
-
-@contextmanager
-def statements() -> Iterator[list[str]]:
-    """The first word of every SQL statement run meanwhile."""
-    seen: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        seen.append(statement.strip().split()[0].upper())
-
-    engine = db.get_engine()
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield seen
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
 
 
 def state(response: httpx.Response) -> str:
