@@ -150,6 +150,8 @@ class Reminder(Timestamps, Base):
         CheckConstraint(_in("status", REMINDER_STATUSES), name="status_known"),
         # The daily cap counts a clinic's SMS since its midnight.
         Index("ix_reminders_clinic_claimed", "clinic_id", "claimed_at"),
+        # A reply applies to the latest reminder sent to the number it came from.
+        Index("ix_reminders_phone_sent", "phone_e164", "sent_at"),
         # The scheduler's scans touch only the small set of rows still in play, so an idle tick
         # costs the same at any table size.
         Index(
