@@ -220,6 +220,69 @@ def _admin(url: str, *statements: str) -> None:
         admin.dispose()
 
 
+def connections_to(url: str) -> int:
+    """Sessions connected to the benchmark's database (another run still using it)."""
+    admin = create_engine(make_url(url).set(database="postgres"))
+    try:
+        with admin.connect() as connection:
+            found = connection.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = :name "
+                    "AND pid <> pg_backend_pid()"
+                ),
+                {"name": DATABASE},
+            )
+    except Exception as exc:
+        raise SetupError(f"PostgreSQL: {exc}") from exc
+    finally:
+        admin.dispose()
+    return int(found or 0)
+
+
+class RunLock:
+    """One run at a time: a key in Redis db 13 (refreshed while the run lasts, gone 60 s after
+    a crash), and no session left on the database, before Redis db 13 is flushed and the
+    database dropped."""
+
+    KEY = "bench-replies:running"
+
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(REDIS_URL)
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{time.time()}"
+        self._stop = threading.Event()
+        try:
+            if not self.client.set(self.KEY, self.token, nx=True, ex=60):
+                raise SetupError(
+                    f"another bench/replies.py is running ({self.client.get(self.KEY)!r} holds "
+                    f"{self.KEY} in {REDIS_URL}); try again when it is done"
+                )
+            busy = connections_to(url)
+            if busy:
+                self.client.delete(self.KEY)
+                raise SetupError(
+                    f"{busy} sessions are connected to {DATABASE}: another run is using it"
+                )
+            self.client.flushdb()  # also drops the key: set it again
+            self.client.set(self.KEY, self.token, ex=60)
+        except redis.RedisError as exc:
+            raise SetupError(f"Redis {REDIS_URL}: {exc}") from exc
+        self._thread = threading.Thread(target=self._refresh, daemon=True)
+        self._thread.start()
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(20):
+            with contextlib.suppress(redis.RedisError):
+                self.client.set(self.KEY, self.token, ex=60)
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        with contextlib.suppress(redis.RedisError):
+            if self.client.get(self.KEY) == self.token.encode():
+                self.client.delete(self.KEY)
+        self.client.close()
+
+
 def recreate_database(url: str) -> None:
     _admin(
         url, f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)', f'CREATE DATABASE "{DATABASE}"'
@@ -869,6 +932,7 @@ class PhaseResult:
     api_cpu_ms_per_request: float
     errors: dict[str, int] = field(default_factory=dict)
     first_errors: list[str] = field(default_factory=list)
+    slowest: list[str] = field(default_factory=list)  # the 5 slowest: when sent, how long
     # Per window of planned send times: (start s, requests, p50 ms, p99 ms).
     timeline: list[tuple[float, int, float, float]] = field(default_factory=list)
 
@@ -911,6 +975,10 @@ def summarise(
         api_cpu_ms_per_request=usage.api / max(requests, 1) * 1000,
         errors=dict(errors),
         first_errors=first_errors,
+        slowest=[
+            f"{o.latency * 1000:,.0f} ms at {o.at:.2f} s"
+            for o in sorted(run.outcomes, key=lambda o: -o.latency)[:5]
+        ],
         timeline=timeline(run.outcomes),
     )
 
@@ -1249,12 +1317,21 @@ def code_version() -> str:
 
 
 def run(args: argparse.Namespace) -> Report:
+    if round(args.inbound_rate * args.seconds) > args.patients:
+        raise SetupError("--patients must be at least --inbound-rate x --seconds (one reply each)")
+    url = database_url()
+    lock = RunLock(url)  # two runs would share Redis db 13 and drop each other's database
+    try:
+        return measure(args, url)
+    finally:
+        lock.release()
+
+
+def measure(args: argparse.Namespace, url: str) -> Report:
     from reminders import db
 
     inbound_count = round(args.inbound_rate * args.seconds)
     link_count = round(args.link_rate * args.seconds)
-    if inbound_count > args.patients:
-        raise SetupError(f"--patients must be at least {inbound_count} (one reply each)")
     config = {
         "seconds": args.seconds,
         "inbound_rate": args.inbound_rate,
@@ -1270,15 +1347,6 @@ def run(args: argparse.Namespace) -> Report:
         "tree": code_version(),
     }
     load_start = load_average()
-    url = database_url()
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.flushdb()
-    except redis.RedisError as exc:
-        raise SetupError(f"Redis {REDIS_URL}: {exc}") from exc
-    finally:
-        client.close()
-
     err.print(f"[bold]set-up[/bold]: database {DATABASE}, {args.patients:,} patients...")
     recreate_database(url)
     os.environ["REMINDERS_DATABASE_URL"] = url  # for reminders.db in this process
@@ -1481,6 +1549,7 @@ def phase_table(phase: PhaseResult) -> Table:
         f"max {_ms(phase.max_ms)}",
     )
     table.add_row("target", f"p99 < {phase.target_p99_ms:g} ms: {verdict}")
+    table.add_row("slowest", ", ".join(phase.slowest))
     table.add_row(
         "p50/p99 by 5 s",
         ", ".join(f"{_ms(p50)}/{_ms(p99)}" for _, _, p50, p99 in phase.timeline),
