@@ -4,6 +4,7 @@ limit shared by every worker (Redis-backed when Redis is set)."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 from collections.abc import Callable
 
@@ -15,6 +16,7 @@ from dramatiq.rate_limits.backends import RedisBackend, StubBackend
 
 from reminders.config import Settings
 
+log = logging.getLogger(__name__)
 QUEUE = "sms"
 WEBHOOK_QUEUE = "webhooks"  # apart, so a slow clinic endpoint never holds up SMS
 
@@ -57,6 +59,8 @@ class RateLimiter:
 def install(settings: Settings) -> dramatiq.Broker:
     """Makes the settings' broker the process's own (for processes that only enqueue)."""
     broker = make_broker(settings)
+    for queue in (QUEUE, WEBHOOK_QUEUE):
+        broker.declare_queue(queue)
     dramatiq.set_broker(broker)
     return broker
 
@@ -68,13 +72,16 @@ def enqueue_sends(ids: list[int]) -> None:
     the scheduler's sweep queues again whatever stays `queued`.
     """
     broker = dramatiq.get_broker()
-    for reminder_id in ids:
-        broker.enqueue(
-            dramatiq.Message(
-                queue_name=QUEUE,
-                actor_name="send_reminder",
-                args=(reminder_id,),
-                kwargs={},
-                options={},
+    try:
+        for reminder_id in ids:
+            broker.enqueue(
+                dramatiq.Message(
+                    queue_name=QUEUE,
+                    actor_name="send_reminder",
+                    args=(reminder_id,),
+                    kwargs={},
+                    options={},
+                )
             )
-        )
+    except Exception:  # the rows are committed `queued`: the scheduler's sweep sends them
+        log.warning("could not queue %d answer SMS now; the sweep will", len(ids), exc_info=True)

@@ -15,13 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import dramatiq
 import pytest
 import sqlalchemy as sa
+from dramatiq.brokers.stub import StubBroker
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
 from reminders import db
 from reminders.api import create_app
+from reminders.broker import QUEUE, WEBHOOK_QUEUE
 from reminders.clinics import ClinicOptions, create_clinic
 
 # Appointments in tests start ten days from today (the API reads the real clock), at 09:30 Paris
@@ -78,6 +81,11 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if name.startswith("REMINDERS_") and not name.startswith("REMINDERS_TEST_"):
             monkeypatch.delenv(name)
     db.reset()
+    # Answers queued by webhooks and links go to an in-process broker, never a real Redis.
+    stub = StubBroker()
+    for queue in (QUEUE, WEBHOOK_QUEUE):
+        stub.declare_queue(queue)
+    dramatiq.set_broker(stub)
     yield
     db.reset()
 
