@@ -39,7 +39,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -66,10 +65,21 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    SetupError,
+    free_port,
+    machine_busy_seconds,
+    peak_rss_mib,
+    recreate_database,
+    reminders_cli,
+    reminders_env,
+    stat_fields,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/reminders_bench"
-SECRET_KEY = "bench-secret-key-not-for-production-0123456789"
 TIMEZONE = "Europe/Paris"
 FIRST_TARGET = 3000.0  # appointments/s
 RERUN_TARGET = 2.0  # re-run speed-up over the first pass
@@ -78,10 +88,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MAX_PRINTED_ERRORS = 20
 
 console = Console(stderr=True)
-
-
-class SetupError(Exception):
-    """The benchmark could not be set up (database, clinic, server)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,49 +383,6 @@ def encode_batches(appointments: list[dict[str, Any]], size: int) -> list[tuple[
 # Processes: database, CLI, server
 
 
-def reminders_env(database_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
-    env["REMINDERS_DATABASE_URL"] = database_url
-    env["REMINDERS_SECRET_KEY"] = SECRET_KEY
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
-
-
-def reminders_cli(args: list[str], env: dict[str, str]) -> str:
-    command = [str(VENV_BIN / "reminders"), *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False, cwd=ROOT)
-    if done.returncode != 0:
-        raise SetupError(
-            f"`reminders {' '.join(args)}` exited {done.returncode}: "
-            f"{done.stderr.strip() or done.stdout.strip()}"
-        )
-    return done.stdout
-
-
-def recreate_database(database_url: str) -> None:
-    url = make_url(database_url)
-    name = url.database
-    if not name:
-        raise SetupError(f"no database name in {url.render_as_string(hide_password=True)}")
-    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    quoted = '"' + name.replace('"', '""') + '"'
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
-            connection.execute(text(f"CREATE DATABASE {quoted}"))
-    except Exception as exc:
-        raise SetupError(f"cannot re-create database {name!r}: {exc}") from exc
-    finally:
-        admin.dispose()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def wait_ready(process: subprocess.Popen[bytes], base_url: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     last = "no answer yet"
@@ -452,17 +415,8 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, from /proc/<pid>/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may contain spaces
+    fields = stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def peak_rss_mib(pid: int) -> float:
-    """VmHWM (peak resident set size) of a process, from /proc/<pid>/status, in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _postgres_processes() -> dict[int, float]:
@@ -509,13 +463,6 @@ class PostgresCpu:
             return None
         used = [after[pid] - self.before.get(pid, 0.0) for pid in pids if pid in after]
         return sum(used) if used else None
-
-
-def machine_busy_seconds() -> float:
-    """Non-idle CPU seconds of the whole machine (all cores), from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return (sum(values[:8]) - idle) / CLK_TCK
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,12 +35,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from reminders import db
 from reminders.clinics import ClinicOptions, create_clinic
 from reminders.csv_import import COLUMNS, import_csv
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import recreate_database
 
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/"
 DATABASE = "reminders_bench_csv"
@@ -57,19 +59,6 @@ def database_url() -> str:
     if url.drivername in ("postgresql", "postgresql+psycopg2"):
         url = url.set(drivername="postgresql+psycopg")
     return url.render_as_string(hide_password=False)
-
-
-def recreate_database(url: str) -> None:
-    parsed = make_url(url)
-    name = parsed.database or DATABASE
-    admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    quoted = '"' + name.replace('"', '""') + '"'
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
-            connection.execute(text(f"CREATE DATABASE {quoted}"))
-    finally:
-        admin.dispose()
 
 
 def generate(path: Path, rows: int, today: dt.date, seed: int = 7) -> None:

@@ -25,7 +25,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,13 +36,12 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SetupError, free_port, recreate_database, reminders_cli, reminders_env
 
 ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/reminders_bench_fhir"
-SECRET_KEY = "bench-secret-key-not-for-production-0123456789"
 FHIR_JSON = "application/fhir+json"
 
 GIVEN = ("Marie", "Jean", "Sophie", "Lucas", "Léa", "Hugo", "Chloé", "Inès", "Thomas", "Zoé")
@@ -52,10 +50,6 @@ PRACTITIONERS = ("Dr Martin", "Dr Bernard", "Dr Nguyen", "Dr Lefèvre", "Mme Pet
 LOCATIONS = ("Cabinet 1", "Cabinet 2", "Salle de soins", "Radiologie", "Site Nord - Cabinet A")
 SERVICES = (("1004", "Consultation de suivi"), ("1001", "Première consultation"), ("2001", "Bilan"))
 LANGUAGES = ("fr", "fr-FR", "en", "ru", "zh-CN")
-
-
-class SetupError(Exception):
-    """The benchmark could not be set up (database, clinic, server)."""
 
 
 def appointment(rng: random.Random, index: int, today: dt.date) -> dict[str, Any]:
@@ -137,49 +131,6 @@ def appointment(rng: random.Random, index: int, today: dt.date) -> dict[str, Any
     }
 
 
-def reminders_env(database_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
-    env["REMINDERS_DATABASE_URL"] = database_url
-    env["REMINDERS_SECRET_KEY"] = SECRET_KEY
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
-
-
-def reminders_cli(args: list[str], env: dict[str, str]) -> str:
-    command = [str(VENV_BIN / "reminders"), *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False, cwd=ROOT)
-    if done.returncode != 0:
-        raise SetupError(
-            f"`reminders {' '.join(args)}` exited {done.returncode}: "
-            f"{done.stderr.strip() or done.stdout.strip()}"
-        )
-    return done.stdout
-
-
-def recreate_database(database_url: str) -> None:
-    url = make_url(database_url)
-    name = url.database
-    if not name:
-        raise SetupError("no database name in REMINDERS_BENCH_DATABASE_URL")
-    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    quoted = '"' + name.replace('"', '""') + '"'
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
-            connection.execute(text(f"CREATE DATABASE {quoted}"))
-    except Exception as exc:
-        raise SetupError(f"cannot re-create database {name!r}: {exc}") from exc
-    finally:
-        admin.dispose()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def wait_ready(process: subprocess.Popen[bytes], base_url: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     with httpx.Client(timeout=2.0) as client:
@@ -198,6 +149,7 @@ SERVE = """
 import sys
 from reminders import api, fhir
 from reminders.cli import main
+
 plain = api.create_app
 def create_app():
     app = plain()

@@ -31,8 +31,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 from reminders.clinics import ClinicOptions, create_clinic  # noqa: E402
 from reminders.db import make_engine, migrate  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SetupError, free_port, recreate_database  # noqa: E402
 
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/reminders_bench_mllp"
 SECRET_KEY = "bench-secret-key-not-for-production-0123456789"
@@ -64,29 +65,8 @@ TEMPLATE = "\r".join(
 )
 
 
-class SetupError(Exception):
-    pass
-
-
 def database_url() -> str:
     return os.environ.get("REMINDERS_BENCH_DATABASE_URL", DEFAULT_URL)
-
-
-def recreate_database(url_text: str) -> None:
-    url = make_url(url_text)
-    name = url.database
-    if not name:
-        raise SetupError("no database name in the bench URL")
-    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    quoted = '"' + name.replace('"', '""') + '"'
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
-            connection.execute(text(f"CREATE DATABASE {quoted}"))
-    except Exception as exc:
-        raise SetupError(f"cannot re-create database {name!r}: {exc}") from exc
-    finally:
-        admin.dispose()
 
 
 def setup(url: str) -> int:
@@ -137,13 +117,6 @@ def messages(count: int) -> list[str]:
             )
         )
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_ready(process: subprocess.Popen[bytes], port: int, timeout: float = 60.0) -> None:

@@ -90,6 +90,16 @@ from rich.table import Table
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    SetupError,
+    drop_database,
+    free_port,
+    machine_busy_seconds,
+    recreate_database,
+    stat_fields,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 REMINDERS = [sys.executable, "-m", "reminders"]
 DEFAULT_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/"
@@ -128,33 +138,17 @@ EXPECTED = {
 err = Console(stderr=True)
 
 
-class SetupError(Exception):
-    """The benchmark could not be set up (database, Redis, processes)."""
-
-
 # --------------------------------------------------------------------------------------------
 # /proc
-
-
-def _stat_fields(pid: int) -> list[str]:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2 :].split()  # the command name may contain spaces
 
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of one process, from /proc (0 when it is gone)."""
     try:
-        fields = _stat_fields(pid)
+        fields = stat_fields(pid)
     except (OSError, ValueError):
         return 0.0
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def machine_busy_seconds() -> float:
-    """Non-idle CPU seconds of the whole machine (all cores), from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return (sum(values[:8]) - idle) / CLK_TCK
 
 
 def cpu_of_named(name: str) -> dict[int, float]:
@@ -205,19 +199,6 @@ def database_url() -> str:
     if base.drivername in ("postgresql", "postgresql+psycopg2"):
         base = base.set(drivername="postgresql+psycopg")
     return base.set(database=DATABASE).render_as_string(hide_password=False)
-
-
-def _admin(url: str, *statements: str) -> None:
-    parsed = make_url(url)
-    admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            for statement in statements:
-                connection.execute(text(statement))
-    except Exception as exc:
-        raise SetupError(f"database {parsed.database!r}: {exc}") from exc
-    finally:
-        admin.dispose()
 
 
 def connections_to(url: str) -> int:
@@ -281,16 +262,6 @@ class RunLock:
             if self.client.get(self.KEY) == self.token.encode():
                 self.client.delete(self.KEY)
         self.client.close()
-
-
-def recreate_database(url: str) -> None:
-    _admin(
-        url, f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)', f'CREATE DATABASE "{DATABASE}"'
-    )
-
-
-def drop_database(url: str) -> None:
-    _admin(url, f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
 
 
 def patient_phone(number: int) -> str:
@@ -473,13 +444,6 @@ def standin_server() -> int:
                     }
                 print(json.dumps(stats), flush=True)
     return 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def service_env(url: str, standin: StandIn) -> dict[str, str]:

@@ -60,6 +60,9 @@ from rich.table import Table
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SetupError, machine_busy_seconds, recreate_database
+
 DEFAULT_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/"
 DEFAULT_DATABASE = "reminders_bench_scan"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
@@ -81,10 +84,6 @@ INDEXES = (
 err = Console(stderr=True)
 
 
-class SetupError(Exception):
-    """The benchmark could not be set up (database, Redis, migrations)."""
-
-
 # --------------------------------------------------------------------------------------------
 # Database and process helpers
 
@@ -96,20 +95,6 @@ def database_url(name: str) -> str:
     if base.drivername in ("postgresql", "postgresql+psycopg2"):
         base = base.set(drivername="postgresql+psycopg")
     return base.set(database=name).render_as_string(hide_password=False)
-
-
-def recreate_database(url: str) -> None:
-    parsed = make_url(url)
-    quoted = '"' + str(parsed.database).replace('"', '""') + '"'
-    admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
-            connection.execute(text(f"CREATE DATABASE {quoted}"))
-    except Exception as exc:
-        raise SetupError(f"cannot re-create database {parsed.database!r}: {exc}") from exc
-    finally:
-        admin.dispose()
 
 
 def drop_database(url: str) -> None:
@@ -131,13 +116,6 @@ def memory_mib() -> tuple[float, float]:
         if key in ("VmRSS", "VmHWM"):
             values[key] = int(rest.split()[0]) / 1024
     return values.get("VmRSS", float("nan")), values.get("VmHWM", float("nan"))
-
-
-def machine_busy_seconds() -> float:
-    """Non-idle CPU seconds of the whole machine (all cores), from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 class MachineLoad:

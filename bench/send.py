@@ -67,6 +67,16 @@ from rich.table import Table
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    SetupError,
+    drop_database,
+    machine_busy_seconds,
+    peak_rss_mib,
+    recreate_database,
+    stat_fields,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 # Workers run from elsewhere: `python -m` puts its cwd first on sys.path, before PYTHONPATH.
 WORKDIR = Path(tempfile.gettempdir())
@@ -89,17 +99,8 @@ TARGET_RSS_MIB = 150.0
 err = Console(stderr=True)
 
 
-class SetupError(Exception):
-    """The benchmark could not be set up (database, Redis, stand-in, worker)."""
-
-
 # --------------------------------------------------------------------------------------------
 # /proc
-
-
-def _stat_fields(pid: int) -> list[str]:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2 :].split()  # the command name may contain spaces
 
 
 def descendants(pid: int) -> list[int]:
@@ -108,7 +109,7 @@ def descendants(pid: int) -> list[int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError, IndexError, ValueError):
-                children[int(_stat_fields(int(entry.name))[1])].append(int(entry.name))
+                children[int(stat_fields(int(entry.name))[1])].append(int(entry.name))
     found, stack = [], [pid]
     while stack:
         current = stack.pop()
@@ -122,7 +123,7 @@ def cpu_times(pid: int, *, tree: bool = False) -> tuple[float, float]:
     user = system = 0.0
     for each in descendants(pid) if tree else [pid]:
         with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = _stat_fields(each)
+            fields = stat_fields(each)
             user += int(fields[11]) / CLK_TCK
             system += int(fields[12]) / CLK_TCK
     return user, system
@@ -131,21 +132,6 @@ def cpu_times(pid: int, *, tree: bool = False) -> tuple[float, float]:
 def cpu_seconds(pid: int, *, tree: bool = False) -> float:
     """utime + stime of a process (with `tree`, of it and its descendants)."""
     return sum(cpu_times(pid, tree=tree))
-
-
-def peak_rss_mib(pid: int) -> float:
-    """VmHWM (peak resident set size) of a process, in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def machine_busy_seconds() -> float:
-    """Non-idle CPU seconds of the whole machine (all cores), from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return (sum(values[:8]) - idle) / CLK_TCK
 
 
 def wait_for_quiet(max_busy_pct: float, timeout: float = 600.0) -> None:
@@ -194,35 +180,6 @@ def database_url(name: str) -> str:
     if base.drivername in ("postgresql", "postgresql+psycopg2"):
         base = base.set(drivername="postgresql+psycopg")
     return base.set(database=name).render_as_string(hide_password=False)
-
-
-def _admin(url: str, *statements: str) -> None:
-    parsed = make_url(url)
-    admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            for statement in statements:
-                connection.execute(text(statement))
-    except Exception as exc:
-        raise SetupError(f"database {parsed.database!r}: {exc}") from exc
-    finally:
-        admin.dispose()
-
-
-def _quoted(url: str) -> str:
-    return '"' + str(make_url(url).database).replace('"', '""') + '"'
-
-
-def recreate_database(url: str) -> None:
-    _admin(
-        url,
-        f"DROP DATABASE IF EXISTS {_quoted(url)} WITH (FORCE)",
-        f"CREATE DATABASE {_quoted(url)}",
-    )
-
-
-def drop_database(url: str) -> None:
-    _admin(url, f"DROP DATABASE IF EXISTS {_quoted(url)} WITH (FORCE)")
 
 
 FILL_SQL = (

@@ -1,0 +1,102 @@
+"""What every benchmark needs around the thing it measures: its own PostgreSQL database, free
+ports, the `reminders` command, and process figures read from /proc."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+SECRET_KEY = "bench-secret-key-not-for-production-0123456789"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class SetupError(Exception):
+    """The benchmark could not set itself up (a database, a process); the reason is in the text."""
+
+
+def admin(url: str, *statements: str) -> None:
+    """Runs statements on the server's `postgres` database (CREATE/DROP DATABASE)."""
+    parsed = make_url(url)
+    engine = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            for statement in statements:
+                connection.execute(text(statement))
+    except Exception as exc:
+        raise SetupError(f"database {parsed.database!r}: {exc}") from exc
+    finally:
+        engine.dispose()
+
+
+def _quoted(url: str) -> str:
+    name = make_url(url).database
+    if not name:
+        raise SetupError("no database name in the benchmark's database URL")
+    return '"' + name.replace('"', '""') + '"'
+
+
+def recreate_database(url: str) -> None:
+    """Drops (closing its sessions) and creates the benchmark's own database."""
+    quoted = _quoted(url)
+    admin(url, f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)", f"CREATE DATABASE {quoted}")
+
+
+def drop_database(url: str) -> None:
+    admin(url, f"DROP DATABASE IF EXISTS {_quoted(url)} WITH (FORCE)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (which may contain spaces)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM (peak resident set size) of a process, from /proc/<pid>/status, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reminders_env(database_url: str) -> dict[str, str]:
+    """This environment without REMINDERS_* settings, pointed at the benchmark's database."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
+    env["REMINDERS_DATABASE_URL"] = database_url
+    env["REMINDERS_SECRET_KEY"] = SECRET_KEY
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def reminders_cli(args: list[str], env: dict[str, str]) -> str:
+    """Runs `reminders ARGS`; its stdout, or SetupError with its stderr."""
+    command = [str(VENV_BIN / "reminders"), *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False, cwd=ROOT)
+    if done.returncode != 0:
+        raise SetupError(
+            f"`reminders {' '.join(args)}` exited {done.returncode}: "
+            f"{done.stderr.strip() or done.stdout.strip()}"
+        )
+    return done.stdout
+
+
+def machine_busy_seconds() -> float:
+    """Non-idle CPU seconds of the whole machine (all cores), from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return (sum(values[:8]) - idle) / CLK_TCK
