@@ -14,7 +14,6 @@ import datetime as dt
 import hmac
 import ipaddress
 import json
-import logging
 import math
 import re
 import threading
@@ -38,7 +37,6 @@ from reminders.db import session_scope
 from reminders.models import Appointment, Clinic
 from reminders.replies import Action, decide
 
-log = logging.getLogger(__name__)
 router = APIRouter(tags=["patient links"], include_in_schema=False)
 
 TOKEN = re.compile(r"[A-Za-z0-9_-]{12}")
@@ -389,14 +387,10 @@ def show(token: str, request: Request) -> HTMLResponse:
     if refused is not None:
         return refused
     with session_scope() as session:
-        found = find(session, token)
-        if found is None:
-            return error_page("not_found", 404, None)
-        appointment, clinic = found
-        view = view_of(appointment, clinic)
-        if now >= appointment.starts_at:
-            return error_page("expired", 410, view.lang)
-    return appointment_page(view)
+        opened = _open(session, token, now)
+        if isinstance(opened, HTMLResponse):
+            return opened
+    return appointment_page(opened[2])
 
 
 @router.post("/c/{token}")
@@ -409,21 +403,32 @@ def act(
     if refused is not None:
         return refused
     with session_scope() as session:
-        found = find(session, token)
-        if found is None:
-            return error_page("not_found", 404, None)
-        appointment, clinic = found
-        lang = view_of(appointment, clinic).lang
-        if now >= appointment.starts_at:
-            return error_page("expired", 410, lang)
+        opened = _open(session, token, now)
+        if isinstance(opened, HTMLResponse):
+            return opened
+        appointment, clinic, before = opened
         chosen = ACTIONS.get(action or "")
         if chosen is None:
-            return error_page("bad_request", 400, lang)
+            return error_page("bad_request", 400, before.lang)
         decision = decide(session, appointment, chosen, "link", now)
         view = view_of(appointment, clinic)
     if decision.answer_id is not None:
-        _send_answer(decision.answer_id)
+        broker.enqueue_sends([decision.answer_id])  # if that fails, the sweep sends it
     return appointment_page(view, _notice(chosen, decision.changed, view))
+
+
+def _open(
+    session: Session, token: str, now: dt.datetime
+) -> tuple[Appointment, Clinic, View] | HTMLResponse:
+    """The token's appointment, its clinic and its view; or the 404 / 410 page."""
+    found = find(session, token)
+    if found is None:
+        return error_page("not_found", 404, None)
+    appointment, clinic = found
+    view = view_of(appointment, clinic)
+    if now >= appointment.starts_at:
+        return error_page("expired", 410, view.lang)
+    return appointment, clinic, view
 
 
 def _notice(action: Action, changed: bool, view: View) -> str:
@@ -433,11 +438,3 @@ def _notice(action: Action, changed: bool, view: View) -> str:
     if action == "confirm" and view.state.startswith("cancelled"):
         return t["stays_cancelled"]
     return t["unchanged"]
-
-
-def _send_answer(answer_id: int) -> None:
-    """Hands the acknowledgement to the worker; if that fails, the sweep sends it later."""
-    try:
-        broker.enqueue_sends([answer_id])
-    except Exception:
-        log.warning("could not queue answer %s; the sweep will", answer_id, exc_info=True)

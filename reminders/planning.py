@@ -315,12 +315,7 @@ class Intake:
         appointment: dict[str, object] = {
             "clinic_id": self.clinic.id,
             "external_id": external_id,
-            "starts_at": starts_at,
-            "duration_minutes": data.duration_minutes,
-            "practitioner": data.practitioner or None,
-            "location": data.location or None,
-            "kind": data.kind or None,
-            "status": data.status,
+            **_pushed(data),
             "confirmation": "unconfirmed",
             "outcome": data.outcome,
             "source_updated_at": _utc(data.source_updated_at),
@@ -456,17 +451,8 @@ class Intake:
         return {str(external): int(new_id) for new_id, external in inserted}
 
     def _update(self, appointment: Appointment, data: AppointmentIn, patient: Patient) -> bool:
-        starts_at = data.starts_at.astimezone(dt.UTC)
-        moved = starts_at != appointment.starts_at
-        values: dict[str, object] = {
-            "patient": patient,
-            "starts_at": starts_at,
-            "duration_minutes": data.duration_minutes,
-            "practitioner": data.practitioner or None,
-            "location": data.location or None,
-            "kind": data.kind or None,
-            "status": data.status,
-        }
+        values: dict[str, object] = {"patient": patient, **_pushed(data)}
+        moved = values["starts_at"] != appointment.starts_at
         if data.outcome is not None:
             values["outcome"] = data.outcome
         if moved:
@@ -541,6 +527,18 @@ def drop_pending(session: Session, appointment: Appointment, reason: str) -> Non
         .values(status="skipped", skip_reason=reason)
         .execution_options(synchronize_session="fetch")
     )
+
+
+def _pushed(data: AppointmentIn) -> dict[str, object]:
+    """The appointment columns a push sets directly, as stored."""
+    return {
+        "starts_at": data.starts_at.astimezone(dt.UTC),
+        "duration_minutes": data.duration_minutes,
+        "practitioner": data.practitioner or None,
+        "location": data.location or None,
+        "kind": data.kind or None,
+        "status": data.status,
+    }
 
 
 def _is_stale(appointment: Appointment, data: AppointmentIn) -> bool:

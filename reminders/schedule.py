@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 _DURATION = re.compile(r"^\s*(\d{1,5})\s*(m|min|h|d)\s*$", re.IGNORECASE)
@@ -47,6 +48,7 @@ def format_duration(value: dt.timedelta) -> str:
     return f"{minutes // 60}h"
 
 
+@lru_cache(maxsize=256)  # the worker reads each clinic's rules for every SMS
 def parse_rules(text: str) -> tuple[Rule, ...]:
     """`72h,24h:unconfirmed` as rules, latest-first order. Raises ValueError naming the bad part."""
     rules: list[Rule] = []

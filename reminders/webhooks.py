@@ -110,7 +110,7 @@ def inbound(params: Params) -> JSONResponse:
     if refused is not None:
         return refused
     msisdn, to = _e164(params.get("msisdn", "")), _e164(params.get("to", ""))
-    message_id = params.get("messageId") or params.get("message-id")
+    message_id = _message_id(params)
     if not msisdn or not to or not message_id:
         return JSONResponse({"status": "ignored", "reason": "msisdn, to and messageId needed"})
     now = _now()
@@ -142,7 +142,7 @@ def status(params: Params) -> JSONResponse:
     refused = _checked(params)
     if refused is not None:
         return refused
-    message_id = params.get("messageId") or params.get("message-id")
+    message_id = _message_id(params)
     client_ref = params.get("client-ref")
     state = params.get("status")
     if not state or not (message_id or client_ref):
@@ -159,6 +159,11 @@ def status(params: Params) -> JSONResponse:
             now=_now(),
         )
     return JSONResponse({"status": "ok", "result": result})
+
+
+def _message_id(params: dict[str, str]) -> str | None:
+    """Vonage names it `messageId` in inbound SMS and `message-id` in some receipts."""
+    return params.get("messageId") or params.get("message-id")
 
 
 def _price(raw: Any) -> float | None:
