@@ -58,8 +58,27 @@ MAX_RETRIES = 5
     retry_when=_retry_when,
 )
 def send_reminder(reminder_id: int) -> None:
+    """One SMS (answers to patients, queued by the API as soon as they are decided)."""
     state = runtime()
     dispatch.send_one(reminder_id, state.clock, state.provider, state.settings, state.limiter)
+
+
+@dramatiq.actor(
+    broker=StubBroker(),
+    queue_name=QUEUE,
+    max_retries=MAX_RETRIES,
+    min_backoff=1_000,
+    max_backoff=30_000,
+    max_age=3_600_000,
+    time_limit=300_000,  # a batch at a low send rate waits for its turns (dispatch.batch_size)
+    retry_when=_retry_when,
+)
+def send_reminders(reminder_ids: list[int]) -> None:
+    """A batch of due reminders claimed by the scheduler (dispatch.SEND_BATCH at most): one
+    message, one claim and a few statements for all of them. A retry takes only the rows still
+    `queued` (those that asked for a brief retry)."""
+    state = runtime()
+    dispatch.send_batch(reminder_ids, state.clock, state.provider, state.settings, state.limiter)
 
 
 @dramatiq.actor(
@@ -73,7 +92,7 @@ def deliver_event(event_id: int) -> None:
     events.deliver(event_id, runtime().clock)
 
 
-ACTORS = (send_reminder, deliver_event)
+ACTORS = (send_reminder, send_reminders, deliver_event)
 
 
 def configure(

@@ -18,13 +18,13 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Table, bindparam, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 from sqlalchemy.sql import Select
 
 from reminders import events, schedule, texts
@@ -32,7 +32,6 @@ from reminders.config import Settings
 from reminders.db import session_scope
 from reminders.models import (
     ANSWER_KINDS,
-    Appointment,
     AppSetting,
     Clinic,
     DeliveryReceipt,
@@ -41,7 +40,7 @@ from reminders.models import (
     Template,
 )
 from reminders.planning import WENT_OUT, clinic_timing
-from reminders.sms import OutcomeUnknown, Provider, SmsError, mask_phone
+from reminders.sms import OutcomeUnknown, Provider, Sent, SmsError, mask_phone
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +210,19 @@ def stop_sending(session: Session, now: dt.datetime, reason: str) -> None:
     )
 
 
-# --- sending one (the worker) ------------------------------------------------------------------
+# --- sending a batch (the worker) ----------------------------------------------------------------
+
+#: Ids per queued message: one message, one claim, a few statements for up to this many SMS.
+SEND_BATCH = 25
+#: A claimed row still waiting for its send (the rate limit) has its claim renewed this often,
+#: so that the sweep (SENDING_STALE) never takes a row that is about to go out for a dead one.
+CLAIM_RENEWAL = dt.timedelta(seconds=45)
+_table = cast(Table, Reminder.__table__)
+
+
+def batch_size(settings: Settings) -> int:
+    """Ids per message: fewer when the send rate is low, so that a batch never waits long."""
+    return max(1, min(SEND_BATCH, int(settings.send_rate)))
 
 
 @dataclass(frozen=True)
@@ -221,50 +232,19 @@ class Prepared:
     sender: str
     text: str
     send_by: dt.datetime
+    segments: int = 1
 
 
-def skip_reason(
-    session: Session,
-    reminder: Reminder,
-    appointment: Appointment,
-    clinic: Clinic,
-    now: dt.datetime,
-) -> str | None:
-    """Why this reminder must not go out now, re-checked at send time (DESIGN rule 3)."""
-    patient = appointment.patient
-    if appointment.status != "booked" or appointment.confirmation == "cancelled_by_patient":
-        return "cancelled"
-    if reminder.appointment_starts_at != appointment.starts_at:
-        return "moved"
-    if reminder.rule.endswith(":unconfirmed") and appointment.confirmation != "unconfirmed":
-        return "confirmed"
-    if not patient.sms_capable or patient.phone_e164 is None:
-        return "not_sms_capable"
-    if now > reminder.send_by:
-        return "deadline"
-    if superseded(session, reminder, now):
-        return "superseded"
-    if opted_out(session, patient.phone_e164, sender_of(clinic)):
-        return "opted_out"
-    return None
+@dataclass
+class _Loaded:
+    """What one batch needs to re-check and render its reminders, read in a few queries."""
 
-
-def superseded(session: Session, reminder: Reminder, now: dt.datetime) -> bool:
-    """A later send for the same booking is due too (we were down, or paused): only the latest
-    goes, never a burst."""
-    later = session.scalar(
-        select(Reminder.id)
-        .where(
-            Reminder.appointment_id == reminder.appointment_id,
-            Reminder.appointment_starts_at == reminder.appointment_starts_at,
-            Reminder.id != reminder.id,
-            Reminder.due_at > reminder.due_at,
-            Reminder.due_at <= now,
-            Reminder.status.in_(("planned", "queued")),
-        )
-        .limit(1)
-    )
-    return later is not None
+    reminders: list[tuple[Reminder, Clinic]]
+    templates: dict[tuple[int, str, str], str]
+    opted_out: set[tuple[str, str]]
+    # (appointment id, start) -> due times of the sends still due or in flight
+    pending_due: dict[tuple[int | None, dt.datetime | None], list[dt.datetime]]
+    stopped: bool
 
 
 def sender_of(clinic: Clinic) -> str:
@@ -278,25 +258,112 @@ def opted_out(session: Session, phone: str, sender: str) -> bool:
     return found is not None
 
 
+def _target_phone(reminder: Reminder) -> str:
+    """Where a send goes: the patient's number as of now for reminders, the asker's for answers."""
+    appointment = reminder.appointment
+    if appointment is not None and reminder.kind not in ANSWER_KINDS:
+        return appointment.patient.phone_e164 or reminder.phone_e164
+    return reminder.phone_e164
+
+
+def _load(session: Session, ids: list[int], now: dt.datetime) -> _Loaded:
+    rows = session.execute(
+        select(Reminder, Clinic)
+        .join(Clinic, Clinic.id == Reminder.clinic_id)
+        .where(Reminder.id.in_(ids))
+        .options(joinedload(Reminder.appointment))
+        .order_by(Reminder.id)
+    )
+    reminders = [(r, c) for r, c in rows.unique()]
+    clinic_ids = {c.id for _, c in reminders}
+    templates = {
+        (t.clinic_id, t.kind, t.language): t.source
+        for t in session.scalars(select(Template).where(Template.clinic_id.in_(clinic_ids)))
+    }
+    phones = {_target_phone(r) for r, _ in reminders}
+    opted = {
+        (phone, sender)
+        for phone, sender in session.execute(
+            select(OptOut.phone_e164, OptOut.sender).where(OptOut.phone_e164.in_(phones))
+        )
+    }
+    appointment_ids = {r.appointment_id for r, _ in reminders if r.kind not in ANSWER_KINDS}
+    pending: dict[tuple[int | None, dt.datetime | None], list[dt.datetime]] = {}
+    if appointment_ids:
+        siblings = session.execute(
+            select(Reminder.appointment_id, Reminder.appointment_starts_at, Reminder.due_at).where(
+                Reminder.appointment_id.in_(appointment_ids),
+                Reminder.due_at <= now,
+                Reminder.status.in_(("planned", "queued", "sending")),
+            )
+        )
+        for appointment_id, starts_at, due_at in siblings:
+            pending.setdefault((appointment_id, starts_at), []).append(due_at)
+    return _Loaded(reminders, templates, opted, pending, sending_stopped(session, now) is not None)
+
+
+def _skip_reason(
+    loaded: _Loaded, reminder: Reminder, clinic: Clinic, now: dt.datetime
+) -> str | None:
+    """Why this reminder must not go out now, re-checked at send time (DESIGN rule 3)."""
+    sender = sender_of(clinic)
+    if reminder.kind in ANSWER_KINDS:
+        # The patient wrote to us: answer at any hour, but not late, and not after a STOP
+        # (the opt-out confirmation itself excepted).
+        if now > reminder.send_by:
+            return "deadline"
+        if reminder.kind != "opted_out" and (reminder.phone_e164, sender) in loaded.opted_out:
+            return "opted_out"
+        return None
+    appointment = reminder.appointment
+    assert appointment is not None
+    patient = appointment.patient
+    if appointment.status != "booked" or appointment.confirmation == "cancelled_by_patient":
+        return "cancelled"
+    if reminder.appointment_starts_at != appointment.starts_at:
+        return "moved"
+    if reminder.rule.endswith(":unconfirmed") and appointment.confirmation != "unconfirmed":
+        return "confirmed"
+    if not patient.sms_capable or patient.phone_e164 is None:
+        return "not_sms_capable"
+    if now > reminder.send_by:
+        return "deadline"
+    # A later send for the same booking is due too (we were down, or paused): only the latest
+    # goes, never a burst.
+    due = loaded.pending_due.get((appointment.id, reminder.appointment_starts_at), [])
+    if any(other > reminder.due_at for other in due):
+        return "superseded"
+    if (patient.phone_e164, sender) in loaded.opted_out:
+        return "opted_out"
+    return None
+
+
+def _check(
+    loaded: _Loaded, reminder: Reminder, clinic: Clinic, now: dt.datetime
+) -> str | dt.datetime | None:
+    """None to send now; a reason to skip; or the time to wait for (quiet hours)."""
+    reason = _skip_reason(loaded, reminder, clinic, now)
+    if reason is not None or reminder.kind in ANSWER_KINDS:
+        return reason
+    timing = clinic_timing(clinic)
+    if schedule.in_quiet_hours(now, timing.zone, timing.quiet):
+        later = schedule.quiet_end_after(now, timing.zone, timing.quiet)
+        return "quiet_hours" if later > reminder.send_by else later
+    return None
+
+
 def render(
     session: Session,
     reminder: Reminder,
-    appointment: Appointment | None,
     clinic: Clinic,
     settings: Settings,
     now: dt.datetime,
+    source: str | None,
 ) -> str:
-    """The SMS text: the clinic's own template for this kind and language, else the built-in."""
+    """The SMS text: the clinic's own template `source` for this kind and language, else the
+    built-in one."""
+    appointment = reminder.appointment
     language = appointment.patient.language if appointment is not None else clinic.language
-    source = None
-    if reminder.kind in texts.TEMPLATE_KINDS:
-        source = session.scalar(
-            select(Template.source).where(
-                Template.clinic_id == clinic.id,
-                Template.kind == reminder.kind,
-                Template.language == language,
-            )
-        )
     old_start = None
     if reminder.kind == "moved" and appointment is not None:
         old_start = session.scalar(
@@ -326,75 +393,88 @@ def render(
     return text
 
 
-def _check(
-    session: Session, reminder: Reminder, clinic: Clinic, now: dt.datetime
-) -> str | dt.datetime | None:
-    """None to send now; a reason to skip; or the time to wait for (quiet hours)."""
-    if reminder.kind in ANSWER_KINDS:
-        # The patient wrote to us: answer at any hour, but not late, and not after a STOP
-        # (the opt-out confirmation itself excepted).
-        if now > reminder.send_by:
-            return "deadline"
-        if reminder.kind != "opted_out" and opted_out(
-            session, reminder.phone_e164, sender_of(clinic)
-        ):
-            return "opted_out"
+def _template(loaded: _Loaded, reminder: Reminder, clinic: Clinic) -> str | None:
+    if reminder.kind not in texts.TEMPLATE_KINDS:
         return None
     appointment = reminder.appointment
-    assert appointment is not None
-    reason = skip_reason(session, reminder, appointment, clinic, now)
-    if reason is not None:
-        return reason
-    timing = clinic_timing(clinic)
-    if schedule.in_quiet_hours(now, timing.zone, timing.quiet):
-        later = schedule.quiet_end_after(now, timing.zone, timing.quiet)
-        return "quiet_hours" if later > reminder.send_by else later
-    return None
+    language = appointment.patient.language if appointment is not None else clinic.language
+    return loaded.templates.get((clinic.id, reminder.kind, language))
 
 
-def prepare(
-    session: Session, reminder_id: int, now: dt.datetime, settings: Settings
-) -> Prepared | str:
-    """Re-checks a queued reminder and marks it `sending`; or says why not (a reason string)."""
-    reminder = session.get(Reminder, reminder_id)
-    if reminder is None or reminder.status != "queued":
-        return "not_queued"  # someone else has it, or it is done
-    clinic = session.get(Clinic, reminder.clinic_id)
-    assert clinic is not None
-    check = _check(session, reminder, clinic, now)
-    if isinstance(check, str):
-        reminder.status, reminder.skip_reason = "skipped", check
-        return check
-    paused = clinic.paused and reminder.kind not in ANSWER_KINDS
-    if paused or sending_stopped(session, now) is not None:
-        reminder.status = "planned"  # waits, within its deadline
-        return "waiting"
-    if check is not None:
-        reminder.status, reminder.due_at = "planned", check
-        return "quiet_hours"
-    appointment = reminder.appointment
-    text = render(session, reminder, appointment, clinic, settings, now)
-    segments = texts.count_segments(text)
-    phone = reminder.phone_e164
-    if appointment is not None and reminder.kind not in ANSWER_KINDS:
-        phone = appointment.patient.phone_e164 or phone  # the patient's number as of now
-    marked = session.execute(
-        update(Reminder)
-        .where(Reminder.id == reminder_id, Reminder.status == "queued")
-        .values(
-            status="sending",
-            claimed_at=now,
-            attempts=Reminder.attempts + 1,
-            text=text,
-            encoding=segments.encoding,
-            segments=segments.count,
-            phone_e164=phone,
-        )
-        .execution_options(synchronize_session=False)
+def _update_each(session: Session, rows: list[dict[str, Any]], **values: Any) -> None:
+    """One executemany UPDATE of `sending` rows by id (`b_id` in each row); `values` are
+    constants, SQL expressions, or `bindparam`s of the rows' other keys."""
+    if not rows:
+        return
+    session.execute(
+        update(_table)
+        .where(_table.c.id == bindparam("b_id"), _table.c.status == "sending")
+        .values(**values),
+        rows,
     )
-    if getattr(marked, "rowcount", 0) != 1:
-        return "not_queued"
-    return Prepared(reminder_id, phone, sender_of(clinic), text, reminder.send_by)
+
+
+def prepare_batch(
+    session: Session, ids: Sequence[int], now: dt.datetime, settings: Settings
+) -> tuple[list[Prepared], dict[int, str]]:
+    """Takes the still-`queued` reminders among `ids`, re-checks and renders them, and marks the
+    ones to send `sending`. Returns them, and why each of the others does not go now."""
+    taken = set(
+        session.scalars(
+            update(Reminder)
+            .where(Reminder.id.in_(ids), Reminder.status == "queued")
+            .values(status="sending", claimed_at=now)
+            .returning(Reminder.id)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    results = {i: "not_queued" for i in ids if i not in taken}  # someone else has it, or done
+    if not taken:
+        return [], results
+    loaded = _load(session, sorted(taken), now)
+    prepared: list[Prepared] = []
+    skipped: list[dict[str, Any]] = []
+    waiting: list[dict[str, Any]] = []
+    marked: list[dict[str, Any]] = []
+    for reminder, clinic in loaded.reminders:
+        check = _check(loaded, reminder, clinic, now)
+        if isinstance(check, str):
+            skipped.append({"b_id": reminder.id, "b_reason": check})
+            results[reminder.id] = check
+            continue
+        paused = clinic.paused and reminder.kind not in ANSWER_KINDS
+        if paused or loaded.stopped or check is not None:
+            # It waits (within its deadline): for the clinic, the provider, or the morning.
+            waiting.append({"b_id": reminder.id, "b_due": check or reminder.due_at})
+            results[reminder.id] = "quiet_hours" if check is not None else "waiting"
+            continue
+        text = render(session, reminder, clinic, settings, now, _template(loaded, reminder, clinic))
+        segments = texts.count_segments(text)
+        phone = _target_phone(reminder)
+        marked.append(
+            {
+                "b_id": reminder.id,
+                "b_text": text,
+                "b_encoding": segments.encoding,
+                "b_segments": segments.count,
+                "b_phone": phone,
+            }
+        )
+        prepared.append(
+            Prepared(reminder.id, phone, sender_of(clinic), text, reminder.send_by, segments.count)
+        )
+    _update_each(session, skipped, status="skipped", skip_reason=bindparam("b_reason"))
+    _update_each(session, waiting, status="planned", due_at=bindparam("b_due"))
+    _update_each(
+        session,
+        marked,
+        attempts=_table.c.attempts + 1,
+        text=bindparam("b_text"),
+        encoding=bindparam("b_encoding"),
+        segments=bindparam("b_segments"),
+        phone_e164=bindparam("b_phone"),
+    )
+    return prepared, results
 
 
 def _record(session: Session, reminder_id: int, now: dt.datetime, **values: Any) -> int:
@@ -455,6 +535,145 @@ def _retry_later(
         )
 
 
+def _put_back(reminder_ids: Sequence[int], clock: Clock, reason: str) -> None:
+    """Sends that never left (all sending stopped): back to `planned`, due at once."""
+    if not reminder_ids:
+        return
+    with session_scope() as session:
+        session.execute(
+            update(Reminder)
+            .where(Reminder.id.in_(reminder_ids), Reminder.status == "sending")
+            .values(status="planned", attempts=Reminder.attempts - 1, due_at=clock(), error=reason)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def _renew_claims(reminder_ids: Sequence[int], now: dt.datetime) -> None:
+    with session_scope() as session:
+        session.execute(
+            update(Reminder)
+            .where(Reminder.id.in_(reminder_ids), Reminder.status == "sending")
+            .values(claimed_at=now)
+            .execution_options(synchronize_session=False)
+        )
+
+
+@dataclass
+class _Accepted:
+    reminder_id: int
+    sent: Sent
+    at: dt.datetime
+
+
+def _record_sent(accepted: list[_Accepted], clock: Clock) -> None:
+    """Records accepted sends in one statement, and applies receipts that came first."""
+    if not accepted:
+        return
+    with session_scope() as session:
+        _update_each(
+            session,
+            [
+                {
+                    "b_id": a.reminder_id,
+                    "b_sent_at": a.at,
+                    "b_message": a.sent.message_id,
+                    "b_price": a.sent.price,
+                }
+                for a in accepted
+            ],
+            status="sent",
+            sent_at=bindparam("b_sent_at"),
+            provider_message_id=bindparam("b_message"),
+            price=bindparam("b_price"),
+            error=None,
+        )
+        apply_waiting_receipts(
+            session, {a.reminder_id: a.sent.message_ids for a in accepted}, clock()
+        )
+
+
+def send_batch(
+    reminder_ids: Sequence[int],
+    clock: Clock,
+    provider: Provider,
+    settings: Settings,
+    limiter: Limiter | None = None,
+) -> dict[int, str]:
+    """Sends the still-queued reminders among `reminder_ids` and records each outcome; returns
+    what happened to each.
+
+    Raises TransientSendError, once every other outcome is recorded, when some sends deserve a
+    brief retry (those rows are back in `queued`: retrying the same message takes only them).
+    """
+    with session_scope() as session:
+        prepared, results = prepare_batch(session, reminder_ids, clock(), settings)
+    accepted: list[_Accepted] = []
+    retry: list[int] = []
+    claimed_at = clock()
+    try:
+        for index, item in enumerate(prepared):
+            if clock() - claimed_at > CLAIM_RENEWAL:
+                # A slow batch (a low send rate): record what went, renew the claim on the rest.
+                claimed_at = clock()
+                _record_sent(accepted, clock)
+                accepted.clear()
+                _renew_claims([p.reminder_id for p in prepared[index:]], claimed_at)
+            if limiter is not None and not limiter.wait(item.send_by):
+                with session_scope() as session:
+                    _record(
+                        session, item.reminder_id, clock(), status="skipped", skip_reason="deadline"
+                    )
+                results[item.reminder_id] = "deadline"
+                continue
+            outcome = _send(item, clock, provider, accepted)
+            results[item.reminder_id] = outcome
+            if outcome == "stopped":
+                rest = [p.reminder_id for p in prepared[index + 1 :]]
+                _put_back(rest, clock, "all sending stopped")
+                results.update(dict.fromkeys(rest, "stopped"))
+                break
+            if outcome == "retry":
+                retry.append(item.reminder_id)
+    finally:
+        _record_sent(accepted, clock)
+    if retry:
+        raise TransientSendError(f"brief retry for {len(retry)} SMS")
+    return results
+
+
+def _send(item: Prepared, clock: Clock, provider: Provider, accepted: list[_Accepted]) -> str:
+    now = clock()
+    try:
+        sent = provider.send(
+            to=item.to,
+            sender=item.sender,
+            text=item.text,
+            client_ref=f"r{item.reminder_id}",
+            ttl=item.send_by - now,
+        )
+    except OutcomeUnknown as exc:
+        log.warning(
+            "SMS %s to %s: outcome unknown (%s); waiting for a receipt",
+            item.reminder_id,
+            mask_phone(item.to),
+            exc,
+        )
+        with session_scope() as session:
+            _record(
+                session,
+                item.reminder_id,
+                clock(),
+                status="unknown",
+                next_attempt_at=clock() + UNKNOWN_GRACE,
+                error=str(exc)[:500],
+            )
+        return "unknown"
+    except SmsError as exc:
+        return _on_error(item.reminder_id, clock, exc, item)
+    accepted.append(_Accepted(item.reminder_id, sent, clock()))
+    return "sent"
+
+
 def send_one(
     reminder_id: int,
     clock: Clock,
@@ -467,55 +686,7 @@ def send_one(
     Raises TransientSendError when a brief dramatiq retry is the right answer (the row is back
     in `queued`).
     """
-    with session_scope() as session:
-        prepared = prepare(session, reminder_id, clock(), settings)
-    if isinstance(prepared, str):
-        return prepared
-    if limiter is not None and not limiter.wait(prepared.send_by):
-        with session_scope() as session:
-            _record(session, reminder_id, clock(), status="skipped", skip_reason="deadline")
-        return "deadline"
-    now = clock()
-    try:
-        sent = provider.send(
-            to=prepared.to,
-            sender=prepared.sender,
-            text=prepared.text,
-            client_ref=f"r{reminder_id}",
-            ttl=prepared.send_by - now,
-        )
-    except OutcomeUnknown as exc:
-        log.warning(
-            "SMS %s to %s: outcome unknown (%s); waiting for a receipt",
-            reminder_id,
-            mask_phone(prepared.to),
-            exc,
-        )
-        with session_scope() as session:
-            _record(
-                session,
-                reminder_id,
-                clock(),
-                status="unknown",
-                next_attempt_at=clock() + UNKNOWN_GRACE,
-                error=str(exc)[:500],
-            )
-        return "unknown"
-    except SmsError as exc:
-        return _on_error(reminder_id, clock, exc, prepared)
-    with session_scope() as session:
-        _record(
-            session,
-            reminder_id,
-            clock(),
-            status="sent",
-            sent_at=clock(),
-            provider_message_id=sent.message_id,
-            price=sent.price,
-            error=None,
-        )
-        apply_waiting_receipts(session, reminder_id, sent.message_ids, clock())
-    return "sent"
+    return send_batch([reminder_id], clock, provider, settings, limiter)[reminder_id]
 
 
 def _on_error(reminder_id: int, clock: Clock, exc: SmsError, prepared: Prepared) -> str:
@@ -542,12 +713,8 @@ def _on_error(reminder_id: int, clock: Clock, exc: SmsError, prepared: Prepared)
         attempts = session.scalar(select(Reminder.attempts).where(Reminder.id == reminder_id)) or 0
         if attempts < BRIEF_RETRIES and now < prepared.send_by:
             _record(session, reminder_id, now, status="queued", error=exc.reason[:500])
-            retry = True
-        else:
-            _retry_later(session, reminder_id, now, attempts, prepared.send_by, exc.reason)
-            retry = False
-    if retry:
-        raise TransientSendError(exc.reason)
+            return "retry"
+        _retry_later(session, reminder_id, now, attempts, prepared.send_by, exc.reason)
     return "retry_later"
 
 
@@ -560,6 +727,12 @@ def tick(session: Session, now: dt.datetime, limit: int = 1000) -> list[int]:
 def queue_all(ids: Sequence[int], enqueue: Callable[[int], object]) -> None:
     for reminder_id in ids:
         enqueue(reminder_id)
+
+
+def queue_batches(ids: Sequence[int], size: int, enqueue: Callable[[list[int]], object]) -> None:
+    """Queues `ids` in messages of at most `size` ids each."""
+    for start in range(0, len(ids), size):
+        enqueue(list(ids[start : start + size]))
 
 
 def outcomes(ids: Sequence[int]) -> dict[str, int]:
@@ -672,27 +845,28 @@ def _settle(
 
 
 def apply_waiting_receipts(
-    session: Session, reminder_id: int, message_ids: Sequence[str], now: dt.datetime
+    session: Session, message_ids: dict[int, Sequence[str]], now: dt.datetime
 ) -> None:
-    """Receipts that arrived (by message id alone) before the send was recorded."""
-    if not message_ids:
+    """Receipts that arrived (by message id alone) before their sends were recorded; the sends
+    are given as reminder id -> the message ids Vonage gave its parts."""
+    owner = {m: reminder_id for reminder_id, ids in message_ids.items() for m in ids}
+    if not owner:
         return
     waiting = list(
         session.scalars(
             select(DeliveryReceipt)
             .where(
-                DeliveryReceipt.provider_message_id.in_(message_ids),
+                DeliveryReceipt.provider_message_id.in_(owner),
                 DeliveryReceipt.reminder_id.is_(None),
             )
             .order_by(DeliveryReceipt.id)
         )
     )
-    if not waiting:
-        return
-    reminder = session.get(Reminder, reminder_id)
-    assert reminder is not None
     for receipt in waiting:
-        receipt.reminder_id = reminder_id
+        assert receipt.provider_message_id is not None
+        reminder = session.get(Reminder, owner[receipt.provider_message_id])
+        assert reminder is not None
+        receipt.reminder_id = reminder.id
         _settle(
             session,
             reminder,

@@ -8,6 +8,7 @@ import logging
 from apscheduler.schedulers.base import BaseScheduler
 
 from reminders import actors, dispatch, events
+from reminders.config import get_settings
 from reminders.db import session_scope
 
 log = logging.getLogger(__name__)
@@ -19,17 +20,18 @@ def tick(clock: dispatch.Clock = actors.real_clock) -> list[int]:
     """One pass: expire, sweep and claim in batches, queueing each batch once committed.
     Returns the ids queued."""
     now = clock()
+    size = dispatch.batch_size(get_settings())
     with session_scope() as session:
         dispatch.expire(session, now)
         ids = dispatch.sweep(session, now)
         deliveries = events.claim_webhooks(session, now)
-    dispatch.queue_all(ids, actors.send_reminder.send)
+    dispatch.queue_batches(ids, size, actors.send_reminders.send)
     dispatch.queue_all(deliveries, actors.deliver_event.send)
     queued = list(ids)
     while True:
         with session_scope() as session:
             ids = dispatch.claim_due(session, now, BATCH)
-        dispatch.queue_all(ids, actors.send_reminder.send)
+        dispatch.queue_batches(ids, size, actors.send_reminders.send)
         queued += ids
         if len(ids) < BATCH:
             return queued

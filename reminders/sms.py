@@ -422,7 +422,17 @@ class VonageProvider:
             timeout=self._timeout, pool_connections=1, pool_maxsize=1, max_retries=0, **hosts
         )
         auth = vonage.Auth(api_key=self._api_key, api_secret=self._api_secret.get_secret_value())
-        return vonage.Vonage(auth=auth, http_client_options=options)
+        client = vonage.Vonage(auth=auth, http_client_options=options)
+        # requests reads the proxy and CA settings of the environment (and ~/.netrc) on every
+        # request: read them once here instead, for the SMS API's host.
+        session = client.http_client._session
+        found = session.merge_environment_settings(
+            f"https://{client.http_client.rest_host}/sms/json", {}, None, None, None
+        )
+        session.trust_env = False
+        session.proxies.update(found["proxies"])
+        session.verify = found["verify"]
+        return client
 
     def close(self) -> None:
         """Closes every thread's connections (at shutdown; a later send reconnects)."""

@@ -15,6 +15,7 @@ from typing import Any
 
 import dramatiq
 import pytest
+import redis
 import time_machine
 from dramatiq.brokers.stub import StubBroker
 from fastapi.testclient import TestClient
@@ -30,7 +31,7 @@ from reminders.planning import Intake
 from reminders.schemas import AppointmentIn
 from reminders.sms import ConsoleProvider, Provider, VonageProvider
 from tests import vonage_standin as standin
-from tests.conftest import TEST_SECRET, Cast
+from tests.conftest import REDIS_ENV, TEST_SECRET, Cast, need, statements
 
 # A Monday: the appointment is on Thursday 12 November 2026 at 09:30 Paris (08:30 UTC).
 BOOKED = dt.datetime(2026, 11, 2, 9, 0, tzinfo=dt.UTC)
@@ -279,6 +280,21 @@ def test_a_reminder_is_sent_once_however_often_its_id_is_queued(sending: Sending
     assert len(sending.printed()) == 1
 
 
+def test_a_batch_of_25_costs_a_few_statements_not_a_few_per_sms(sending: Sending) -> None:
+    for i in range(dispatch.SEND_BATCH):
+        book(sending.cast, f"A{i}", patient_id=f"P{i}")
+    with db.session_scope() as session:
+        ids = dispatch.claim_due(session, DUE_72H)
+    with statements() as seen:
+        results = dispatch.send_batch(
+            ids, Clock(DUE_72H), ConsoleProvider(stream=sending.out), get_settings()
+        )
+    assert set(results.values()) == {"sent"}
+    assert len(sending.printed()) == dispatch.SEND_BATCH
+    # claim, load (reminders, templates, opt-outs, siblings, stop switch), mark, record, receipts
+    assert len(seen) <= 10, seen
+
+
 def test_the_sweep_requeues_lost_claims_and_marks_dead_sends_unknown(sending: Sending) -> None:
     book(sending.cast)
     with db.session_scope() as session:
@@ -364,6 +380,49 @@ def test_vonage_errors_past_the_brief_retries_go_back_to_the_row(
     assert due_at > DUE_72H  # tried again later by the scheduler, not parked in the broker
 
 
+def test_in_a_batch_a_throttled_sms_is_retried_alone_and_the_others_recorded(
+    vonage: tuple[standin.VonageStandIn, Sending],
+) -> None:
+    server, sending = vonage
+    server.queue(standin.ok(), standin.status(1), standin.ok())
+    for i in range(3):
+        book(sending.cast, f"A{i}", patient_id=f"P{i}")
+    sending.tick(DUE_72H)  # one message of three ids; its retry takes only the throttled one
+    assert server.posts == 4
+    assert [r.form["client-ref"] for r in server.requests].count(
+        server.requests[1].form["client-ref"]
+    ) == 2
+    assert statuses("status", "attempts") == [("sent", 1), ("sent", 2), ("sent", 1)]
+
+
+def test_a_slow_batch_renews_its_claim_so_the_sweep_never_takes_a_send_in_progress(
+    cast: Cast,
+) -> None:
+    for i in range(3):
+        book(cast, f"A{i}", patient_id=f"P{i}")
+    with db.session_scope() as session:
+        ids = dispatch.claim_due(session, DUE_72H)
+    clock = Clock(DUE_72H)
+
+    class SlowLimiter:
+        """A low send rate: each turn comes 50 s later, while a scheduler sweeps meanwhile."""
+
+        def wait(self, until: dt.datetime) -> bool:
+            clock.now += dt.timedelta(seconds=50)
+            with db.session_scope() as session:
+                dispatch.sweep(session, clock.now)
+            return True
+
+    out = io.StringIO()
+    results = dispatch.send_batch(
+        ids, clock, ConsoleProvider(stream=out), get_settings(), SlowLimiter()
+    )
+    assert clock.now - DUE_72H > dispatch.SENDING_STALE  # the batch outlived a claim
+    assert list(results.values()) == ["sent"] * 3
+    assert statuses("status") == [("sent",)] * 3
+    assert out.getvalue().count("SMS ") == 3
+
+
 def test_a_permanent_vonage_error_fails_with_an_event(
     vonage: tuple[standin.VonageStandIn, Sending],
 ) -> None:
@@ -388,8 +447,8 @@ def test_credentials_or_credit_errors_stop_all_sending_and_keep_reminders_pendin
     book(sending.cast)
     book(sending.cast, "A2", patient_id="P2")
     sending.tick(DUE_72H)
-    # The second may have been in flight already; nothing is sent once the stop is recorded.
-    assert server.posts in (1, 2)
+    # Both went in one batch: the stop put the second back before it was sent.
+    assert server.posts == 1
     assert {s for (s,) in statuses("status")} == {"planned"}
     with db.session_scope() as session:
         assert dispatch.sending_stopped(session, DUE_72H) is not None
@@ -448,6 +507,25 @@ def test_the_send_rate_caps_sends_per_second(database: str) -> None:
     with time_machine.travel(dt.datetime(2026, 11, 2, 9, 0, 0, 500_000, tzinfo=dt.UTC), tick=False):
         assert [limiter.wait(BOOKED + dt.timedelta(hours=1)) for _ in range(3)] == [True] * 3
         assert limiter.wait(BOOKED) is False  # a fourth this second would wait past `until`
+
+
+@pytest.mark.redis
+def test_workers_sharing_redis_take_the_rate_in_blocks_and_never_exceed_it(
+    request: pytest.FixtureRequest, database: str
+) -> None:
+    redis_url = need(request.config, REDIS_ENV)
+    settings = get_settings().model_copy(update={"send_rate": 45.0, "redis_url": redis_url})
+    clock = Clock(BOOKED)
+    second = dt.datetime(2026, 11, 2, 9, 0, 7, 100_000, tzinfo=dt.UTC)
+    redis.Redis.from_url(redis_url).delete(f"reminders-sms:1:{int(second.timestamp())}")
+    workers = [RateLimiter(settings, clock) for _ in range(3)]  # three worker processes
+    with time_machine.travel(second, tick=False):
+        turns = [0, 0, 0]
+        for _ in range(30):
+            for i, limiter in enumerate(workers):
+                turns[i] += limiter.wait(BOOKED)  # `until` passed: False once throttled
+    assert sum(turns) == 45  # exactly the rate, across all of them
+    assert all(t > 0 for t in turns)
 
 
 # --- answers to patients -----------------------------------------------------------------------

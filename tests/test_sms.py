@@ -119,6 +119,25 @@ def test_it_sends_the_form_fields_vonage_expects_with_basic_auth_and_no_signatur
     assert sent.price == pytest.approx(0.0333)
 
 
+def test_the_environment_proxy_and_ca_settings_are_read_once_per_client(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    sms = VonageProvider(vonage_settings("rest.example.test"))
+    session = sms.thread_client().http_client._session
+    assert session.trust_env is False  # not looked up again on every request
+    assert session.proxies["https"] == "http://proxy.internal:3128"
+    assert session.verify == str(bundle)
+    monkeypatch.setenv("NO_PROXY", "rest.example.test")  # honoured too, when set
+    other = VonageProvider(vonage_settings("rest.example.test"))
+    assert "https" not in other.thread_client().http_client._session.proxies
+
+
 @pytest.mark.parametrize(
     "text",
     [

@@ -390,7 +390,7 @@ def test_unknown_receipts_get_200_and_are_kept_for_a_later_send(vonage: Vonage) 
 
     row_id = sent_row(vonage, message_id="never-seen")
     with db.session_scope() as session:
-        dispatch.apply_waiting_receipts(session, row_id, ["never-seen"], dt.datetime.now(dt.UTC))
+        dispatch.apply_waiting_receipts(session, {row_id: ["never-seen"]}, dt.datetime.now(dt.UTC))
     assert delivery(row_id) == ("sent", "delivered", None)
 
 
