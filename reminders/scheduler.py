@@ -18,23 +18,23 @@ BATCH = 1000
 
 def tick(clock: dispatch.Clock = actors.real_clock) -> list[int]:
     """One pass: expire, sweep and claim in batches, queueing each batch once committed.
-    Returns the ids queued."""
+    Returns the ids queued. An idle pass is one transaction."""
     now = clock()
     size = dispatch.batch_size(get_settings())
     with session_scope() as session:
         dispatch.expire(session, now)
-        ids = dispatch.sweep(session, now)
+        swept = dispatch.sweep(session, now)
         deliveries = events.claim_webhooks(session, now)
-    dispatch.queue_batches(ids, size, actors.send_reminders.send)
+        claimed = dispatch.claim_due(session, now, BATCH)
+    dispatch.queue_batches(swept + claimed, size, actors.send_reminders.send)
     dispatch.queue_all(deliveries, actors.deliver_event.send)
-    queued = list(ids)
-    while True:
+    queued = swept + claimed
+    while len(claimed) == BATCH:
         with session_scope() as session:
-            ids = dispatch.claim_due(session, now, BATCH)
-        dispatch.queue_batches(ids, size, actors.send_reminders.send)
-        queued += ids
-        if len(ids) < BATCH:
-            return queued
+            claimed = dispatch.claim_due(session, now, BATCH)
+        dispatch.queue_batches(claimed, size, actors.send_reminders.send)
+        queued += claimed
+    return queued
 
 
 def _tick_job() -> None:
