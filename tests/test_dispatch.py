@@ -227,6 +227,20 @@ def test_the_daily_cap_holds_and_the_rest_waits_for_the_next_day(sending: Sendin
     assert len(sending.tick(next_morning)) == 2
 
 
+def test_an_idle_tick_costs_the_same_statements_with_capped_clinics(sending: Sending) -> None:
+    book(sending.cast)
+
+    def idle_tick() -> list[str]:
+        with statements() as seen:
+            assert sending.tick(BOOKED) == []
+        return list(seen)
+
+    uncapped = idle_tick()
+    set_clinic(sending.cast, daily_cap=10)
+    assert idle_tick() == uncapped  # no per-clinic count or claim when nothing is due
+    assert sending.tick(DUE_72H) != []  # the cap does not stop what is due
+
+
 def test_a_reminder_that_reaches_the_worker_at_night_waits_for_the_morning(
     sending: Sending,
 ) -> None:
