@@ -18,14 +18,16 @@ from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import Table, func, insert, select
 from sqlalchemy.orm import Session
 
+from reminders.db import Base
 from reminders.models import Appointment, Clinic, Patient, Reminder
 from reminders.report import week_name
 from reminders.security import in_holdout
 
-KINDS = (("consultation", 0.6), ("follow-up", 0.25), ("vaccination", 0.1), ("imaging", 0.05))
+KINDS = ("consultation", "follow-up", "vaccination", "imaging")
+KIND_SHARE = (0.6, 0.25, 0.1, 0.05)
 WEEKDAY_RISK = (1.15, 1.0, 0.95, 1.0, 1.1, 1.2)  # Monday to Saturday; closed on Sunday
 WEEKDAY_SHARE = (0.2, 0.19, 0.18, 0.19, 0.16, 0.08)
 PREFIX = "sim-"
@@ -100,7 +102,7 @@ def simulate(
     )
     if taken:
         raise SimulationError(f"clinic {clinic.id} has simulated patients already")
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 (a reproducible simulation, not a secret)
     zone = ZoneInfo(clinic.timezone)
     today = now.astimezone(zone).date()
     end = today - dt.timedelta(days=today.weekday())  # this week's Monday: the history ends before
@@ -112,7 +114,7 @@ def simulate(
 
     # Patients: a few come often (Zipf-like weights); one in five misses often.
     count = max(20, weeks * per_week // 4)
-    patients = [
+    patients: list[dict[str, Any]] = [
         {
             "clinic_id": clinic.id,
             "external_id": f"{PREFIX}P{i}",
@@ -128,7 +130,7 @@ def simulate(
     weights = [1 / (i + 10) for i in range(count)]
     rng.shuffle(weights)
     risk = [2.2 if rng.random() < 0.2 else 0.7 for _ in range(count)]
-    session.execute(insert(Patient.__table__), patients)  # Core: no ORM objects, no RETURNING
+    session.execute(insert(_table(Patient)), patients)  # Core: no ORM objects, no RETURNING
     known: dict[str, int] = dict(
         session.execute(
             select(Patient.external_id, Patient.id).where(
@@ -141,7 +143,6 @@ def simulate(
 
     appointments: list[dict[str, Any]] = []
     plans: list[list[tuple[str, dt.datetime, dt.datetime, bool, str]]] = []
-    kinds, kind_weights = zip(*KINDS, strict=True)
     for week in range(weeks):
         monday = first + dt.timedelta(weeks=week)
         season = 1 + 0.25 * math.sin(2 * math.pi * (monday.isocalendar().week - 5) / 52)
@@ -169,7 +170,7 @@ def simulate(
                 "patient_id": patient_ids[patient],
                 "starts_at": starts_at,
                 "duration_minutes": 20,
-                "kind": rng.choices(kinds, weights=kind_weights)[0],
+                "kind": rng.choices(KINDS, weights=KIND_SHARE)[0],
                 "status": "booked",
                 "confirmation": "unconfirmed",
                 "outcome": None,
@@ -197,7 +198,7 @@ def simulate(
             appointments.append(row)
             phone = _phone(patient)
             plans.append([(rule, at, starts_at, rng.random() < 0.97, phone) for rule, at in sends])
-    session.execute(insert(Appointment.__table__), appointments)
+    session.execute(insert(_table(Appointment)), appointments)
     made: dict[str, int] = dict(
         session.execute(
             select(Appointment.external_id, Appointment.id).where(
@@ -229,7 +230,7 @@ def simulate(
         for rule, at, starts_at, delivered, phone in plan
     ]
     if reminders:
-        session.execute(insert(Reminder.__table__), reminders)
+        session.execute(insert(_table(Reminder)), reminders)
     return Truth(
         clinic=clinic.id,
         seed=seed,
@@ -244,6 +245,12 @@ def simulate(
         appointments=len(appointments),
         reminders=len(reminders),
     )
+
+
+def _table(model: type[Base]) -> Table:
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
 
 
 def _sends(starts_at: dt.datetime, booked_at: dt.datetime) -> list[tuple[str, dt.datetime]]:
