@@ -745,7 +745,7 @@ def queue_due(session: Session, now: dt.datetime) -> list[int]:
             select(WeeklyReport.clinic_id, WeeklyReport.week).where(
                 WeeklyReport.week.in_(set(due.values()))
             )
-        ).tuples()
+        ).all()
     )
     missing = [
         {"clinic_id": c, "week": w, "status": "queued", "queued_at": now}
