@@ -204,7 +204,7 @@ def bar_chart(groups: list[dict[str, Any]], arms: bool) -> Markup:
                 )
                 text = f"{_pct(figure['value'])} of {figure['n']}"
             else:
-                text = "no data"
+                text = "no outcomes"
             parts.append(
                 f'<text x="{x(x_max) + 6:.1f}" y="{yy + row_h - 3}" class="tick">{text}</text>'
             )
