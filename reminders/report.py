@@ -231,7 +231,7 @@ def effect(reminded: Arm, holdout: Arm) -> dict[str, Any]:
         "relative_ci95": None,
         "significant": False,
     }
-    if reminded.n < MIN_ARM or holdout.n < MIN_ARM or reminded.patients < 2:
+    if min(reminded.n, holdout.n) < MIN_ARM or min(reminded.patients, holdout.patients) < 2:
         out["note"] = (
             f"not enough data: each arm needs {MIN_ARM} appointments with an outcome "
             f"(reminded {reminded.n}, holdout {holdout.n})"
@@ -530,10 +530,12 @@ def build(session: Session, clinic: Clinic, week: str, now: dt.datetime) -> dict
         }
         if end_day > go_live:
             arms = _arms(session, clinic.id, _utc(go_live, zone), week_end)
-        window = (go_live, end_day) if end_day > go_live else (go_live, go_live)
     else:
         report["baseline"] = None
-        window = (end_day - dt.timedelta(weeks=BASELINE_WEEKS), end_day)
+    # Breakdowns: since go-live, or the last 12 weeks when reminders have not started.
+    window = (end_day - dt.timedelta(weeks=BASELINE_WEEKS), end_day)
+    if go_live is not None and end_day > go_live:
+        window = (go_live, end_day)
     live = go_live is not None and end_day > go_live
     report["holdout"] = _arm_figures(arms[True], go_live if live else None, end_day)
     report["reminded"] = _arm_figures(arms[False], go_live if live else None, end_day)

@@ -322,6 +322,28 @@ def test_everyone_held_out_leaves_the_reminded_arm_empty(cast: Cast) -> None:
     assert "reminded 0" in r["effect"]["note"]
 
 
+def test_one_patient_is_not_an_arm(cast: Cast) -> None:
+    set_clinic(cast, go_live=GO_LIVE, holdout=0.5)
+    cabinet = Cabinet(cast.clinic_id)
+    for i in range(25):
+        day = local(GO_LIVE + dt.timedelta(days=i % 20))
+        cabinet.add("H1", day, "no_show" if i % 3 else "attended", holdout=True)
+        cabinet.add(f"R{i}", day, "attended", holdout=False)
+    r = build(cast)
+    assert r["effect"]["difference"] is None
+    json.dumps(r, allow_nan=False)  # no NaN anywhere
+
+
+def test_a_week_before_go_live_breaks_down_the_last_twelve_weeks(cast: Cast) -> None:
+    set_clinic(cast, go_live=dt.date(2027, 1, 4), holdout=0.1)
+    Cabinet(cast.clinic_id).add("P1", local(dt.date(2026, 11, 3)), "no_show")
+    r = build(cast)
+    assert r["breakdown_window"] == {"from": "2026-08-31", "to": "2026-11-22"}
+    assert sum(g["appointments"] for g in r["by_kind"]) == 1
+    assert r["holdout"]["from"] is None
+    assert not any(w["live"] for w in r["series"])
+
+
 def test_no_no_show_in_either_arm_gives_no_relative_effect(cast: Cast) -> None:
     set_clinic(cast, go_live=GO_LIVE, holdout=0.5)
     cabinet = Cabinet(cast.clinic_id)
