@@ -49,9 +49,10 @@ from sqlalchemy import Engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from reminders import db, report, report_render
+from reminders import db, report
 from reminders.clinics import ClinicOptions, create_clinic
 from reminders.models import Clinic
+from reminders.report import render as report_render
 
 NOW = dt.datetime(2026, 11, 23, 8, 0, tzinfo=dt.UTC)
 TARGET_SECONDS = 2.0

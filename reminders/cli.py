@@ -454,7 +454,8 @@ def report_command(
     as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
 ) -> None:
     """The weekly no-show report: rates, the effect of reminders against the holdout, trends."""
-    from reminders import report, report_render
+    from reminders import report
+    from reminders.report import render as report_render
 
     config = settings()
     fmt = "json" if as_json else fmt

@@ -17,9 +17,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from reminders import db, report, report_render
+from reminders import db, report
 from reminders.cli import app
 from reminders.models import Appointment, Clinic, Event, Patient, Reminder, WeeklyReport
+from reminders.report import render as report_render
 from reminders.simulate import validate
 from tests.conftest import Cast, appointment_body
 
