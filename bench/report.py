@@ -257,7 +257,8 @@ def main() -> int:
         print(
             f"weekly report, clinic 1, {result['week']}, over {args.appointments:,} appointments "
             f"({result['appointments_in_arms']:,} in the arms since go-live, "
-            f"{result['series_weeks']} weeks of series); filled in {filled} s"
+            f"{result['series_weeks']} weeks of series); "
+            + (f"filled in {filled} s" if filled is not None else "existing database")
         )
         print(
             f"  build: median {result['wall_median_s']} s, max {result['wall_max_s']} s "

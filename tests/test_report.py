@@ -12,16 +12,21 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import dramatiq
 import pytest
+from dramatiq.brokers.stub import StubBroker
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from reminders import db, report
+from reminders import actors, db, report, scheduler
+from reminders.broker import WEBHOOK_QUEUE
 from reminders.cli import app
+from reminders.config import get_settings
 from reminders.models import Appointment, Clinic, Event, Patient, Reminder, WeeklyReport
 from reminders.report import render as report_render
 from reminders.simulate import validate
+from reminders.sms import ConsoleProvider
 from tests.conftest import Cast, appointment_body
 
 PARIS = ZoneInfo("Europe/Paris")
@@ -631,3 +636,30 @@ def test_ten_simulated_clinics_cover_the_true_effect(tmp_path: Path) -> None:
     null = validate(url, 10, 0.0, first_seed=11, weeks=40, per_week=120, now=NOW)
     assert null.significant <= 1
     assert null.covered >= 9
+
+
+def test_the_scheduler_job_queues_each_build_to_a_worker_once(cast: Cast, known: Cabinet) -> None:
+    at_seven = dt.datetime(2026, 11, 23, 6, 0, tzinfo=dt.UTC)  # Monday 07:00 in Paris
+    broker = StubBroker()
+    actors.configure(
+        get_settings(), clock=lambda: at_seven, provider=ConsoleProvider(), broker=broker
+    )
+    worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=50)
+    worker.start()
+    try:
+        first = scheduler.queue_reports(lambda: at_seven)
+        second = scheduler.queue_reports(lambda: at_seven)  # another scheduler, same minute
+        broker.join(WEBHOOK_QUEUE, fail_fast=True)
+        worker.join()
+    finally:
+        worker.stop()
+    assert len(first) == 2  # Paris (W47) and London (W46: not 07:00 there yet)
+    assert second == []
+    with db.session_scope() as session:
+        built = session.execute(
+            select(WeeklyReport.clinic_id, WeeklyReport.week, WeeklyReport.status)
+        ).all()
+        announced = session.scalars(select(Event.clinic_id).where(Event.type == "report.weekly"))
+        assert sorted(announced) == sorted([cast.clinic_id, cast.other_clinic_id])
+    assert (cast.clinic_id, WEEK, "built") in built
+    assert (cast.other_clinic_id, "2026-W46", "built") in built
