@@ -1,4 +1,5 @@
-"""Weekly reports (one row per clinic and ISO week) and an index the report reads from alone.
+"""Weekly reports (one row per clinic and ISO week); the (clinic, start) index of appointments
+also carries the columns the report reads, so it reads the index alone (PostgreSQL).
 
 Branch: report.
 
@@ -42,8 +43,9 @@ def upgrade() -> None:
         sa.UniqueConstraint("clinic_id", "week", name=op.f("uq_weekly_reports_clinic_id_week")),
     )
     with op.batch_alter_table("appointments", schema=None) as batch_op:
+        batch_op.drop_index("ix_appointments_clinic_starts")
         batch_op.create_index(
-            "ix_appointments_report",
+            "ix_appointments_clinic_starts",
             ["clinic_id", "starts_at"],
             unique=False,
             postgresql_include=["patient_id", "holdout", "outcome", "confirmation", "booked_at"],
@@ -52,5 +54,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.batch_alter_table("appointments", schema=None) as batch_op:
-        batch_op.drop_index("ix_appointments_report")
+        batch_op.drop_index("ix_appointments_clinic_starts")
+        batch_op.create_index(
+            "ix_appointments_clinic_starts", ["clinic_id", "starts_at"], unique=False
+        )
     op.drop_table("weekly_reports")
