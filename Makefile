@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint fmt types check bench-ingest bench-scan bench-send bench-replies bench-formats clean
+.PHONY: setup run test lint fmt types check bench-ingest bench-scan bench-send bench-replies bench-formats bench-report validate-report clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,12 @@ bench-replies: $(STAMP)  ## signed replies and link pages under an open-loop loa
 
 bench-formats: $(STAMP)  ## MLLP messages/s, FHIR appointments/s, CSV rows/s and memory
 	$(BIN)/python bench/intake_formats.py
+
+bench-report: $(STAMP)  ## the weekly report over 2M appointments in PostgreSQL: time and memory
+	$(BIN)/python bench/report.py
+
+validate-report: $(STAMP)  ## 100 simulated clinics: the effect interval covers the truth
+	$(BIN)/python bench/validate_report.py --seeds 100
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

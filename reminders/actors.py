@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import dramatiq
 from dramatiq.brokers.stub import StubBroker
 
-from reminders import dispatch, events
+from reminders import dispatch, events, report
 from reminders.broker import QUEUE, WEBHOOK_QUEUE, RateLimiter, make_broker
 from reminders.config import Settings
+from reminders.db import session_scope
 from reminders.sms import Provider, provider_from_settings
 
 
@@ -92,7 +93,19 @@ def deliver_event(event_id: int) -> None:
     events.deliver(event_id, runtime().clock)
 
 
-ACTORS = (send_reminder, send_reminders, deliver_event)
+@dramatiq.actor(
+    broker=StubBroker(),
+    queue_name=WEBHOOK_QUEUE,  # not behind SMS; a build takes well under a second
+    max_retries=3,
+    max_age=3_600_000,  # older: the scheduler queues the build again
+    time_limit=300_000,
+)
+def build_weekly_report(report_id: int) -> None:
+    with session_scope() as session:
+        report.build_stored(session, report_id, runtime().clock())
+
+
+ACTORS = (send_reminder, send_reminders, deliver_event, build_weekly_report)
 
 
 def configure(

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from reminders import __version__, events, fhir, links, replies, webhooks
+from reminders import __version__, events, fhir, links, replies, report, webhooks
 from reminders.clinics import clinic_by_api_key
 from reminders.config import get_settings
 from reminders.db import session_scope
@@ -37,6 +37,7 @@ from reminders.schemas import (
     BatchOut,
     BatchResult,
     FieldError,
+    OutcomeIn,
     Problem,
 )
 from reminders.security import process_secret_key
@@ -314,6 +315,32 @@ def confirm_appointment(external_id: str, clinic_id: ClinicId) -> AppointmentOut
     return _transaction(work, clinic_id)
 
 
+@router.post(
+    "/appointments/{external_id:path}/outcome",
+    response_model=AppointmentOut,
+    responses={404: {"model": Problem}, 422: {"model": Problem}},
+)
+def record_outcome(external_id: str, body: OutcomeIn, clinic_id: ClinicId) -> AppointmentOut:
+    """What happened at an appointment that has started: `attended`, `no_show` or
+    `cancelled_late`. The same outcome again answers `unchanged`; another one corrects it."""
+
+    def work(session: Session, clinic: Clinic) -> AppointmentOut:
+        try:
+            appointment, result = report.record_outcome(
+                session, clinic.id, external_id, body.outcome, _now()
+            )
+        except LookupError:
+            raise _not_found(external_id) from None
+        except report.ReportError as exc:
+            raise ProblemError(
+                422, "Unprocessable Content", [FieldError(field=exc.field, reason=exc.reason)]
+            ) from None
+        session.flush()
+        return AppointmentOut.of(appointment, "updated" if result == "updated" else "unchanged")
+
+    return _transaction(work, clinic_id)
+
+
 @router.get("/appointments/{external_id:path}", response_model=AppointmentOut)
 def get_appointment(external_id: str, clinic_id: ClinicId) -> AppointmentOut:
     """An appointment with its patient, answer and messages. Another clinic's is a 404."""
@@ -355,6 +382,28 @@ def list_events(
     def work(session: Session, clinic: Clinic) -> EventsOut:
         rows, cursor = events.feed(session, clinic.id, after, limit)
         return EventsOut(events=[EventOut(**events.envelope(e)) for e in rows], next=cursor)
+
+    return _transaction(work, clinic_id)
+
+
+@router.get("/reports/weekly", tags=["reports"], responses={422: {"model": Problem}})
+def weekly_report(
+    clinic_id: ClinicId,
+    week: Annotated[
+        str | None,
+        Query(description="ISO week like 2026-W47; default: the last complete week"),
+    ] = None,
+) -> dict[str, Any]:
+    """The clinic's weekly no-show report (the contract's JSON): the one built on Monday when
+    there is one, else computed now."""
+
+    def work(session: Session, clinic: Clinic) -> dict[str, Any]:
+        try:
+            return report.report_for(session, clinic, week, _now())
+        except report.ReportError as exc:
+            raise ProblemError(
+                422, "Unprocessable Content", [FieldError(field=exc.field, reason=exc.reason)]
+            ) from None
 
     return _transaction(work, clinic_id)
 

@@ -206,6 +206,7 @@ def tick(
     broker = actors.configure(config, clock=clock)
     running = _worker(broker, threads=4) if config.embedded else None
     ids = scheduler.tick(clock)
+    scheduler.queue_reports(clock)
     if running is not None:
         assert isinstance(broker, StubBroker)
         broker.join(QUEUE, fail_fast=False)
@@ -440,6 +441,79 @@ def mllp(
     except clinics.ClinicError as exc:
         fail(str(exc))
     siu.run(clinic_id, host, port)
+
+
+@app.command("report")
+def report_command(
+    clinic_id: ClinicOption,
+    week: Annotated[
+        str | None, typer.Option(help="ISO week, e.g. 2026-W47 (default: the last complete one).")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="html, json or csv.")] = "html",
+    out: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+) -> None:
+    """The weekly no-show report: rates, the effect of reminders against the holdout, trends."""
+    from reminders import report
+    from reminders.report import render as report_render
+
+    config = settings()
+    fmt = "json" if as_json else fmt
+    if fmt not in report_render.FORMATS:
+        fail(f"--format: one of {', '.join(report_render.FORMATS)}")
+    prepare_database(config, auto_migrate=config.is_sqlite)
+    try:
+        with db.session_scope() as session:
+            clinic = clinics.get_clinic(session, clinic_id)
+            data = report.report_for(session, clinic, week, actors.real_clock())
+    except clinics.ClinicError as exc:
+        fail(str(exc))
+    except report.ReportError as exc:
+        fail(f"--{exc.field}: {exc.reason}")
+    text = report_render.render(data, fmt)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text, encoding="utf-8")
+        typer.echo(f"report {data['week']} for clinic {clinic_id} written to {out}", err=True)
+
+
+@app.command()
+def simulate(
+    clinic_id: ClinicOption,
+    weeks: Annotated[int, typer.Option(min=2, max=520, help="Weeks of history.")] = 52,
+    baseline: Annotated[float, typer.Option(help="No-show rate without reminders.")] = 0.15,
+    effect: Annotated[float, typer.Option(help="True relative cut by reminders.")] = 0.4,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same history).")] = 7,
+    as_json: JsonOption = False,
+) -> None:
+    """Fills a clinic with a simulated history whose true effect is known (to test the report)."""
+    from reminders import simulate as sim
+
+    config = settings()
+    prepare_database(config, auto_migrate=config.is_sqlite)
+    try:
+        with db.session_scope() as session:
+            clinic = clinics.get_clinic(session, clinic_id)
+            truth = sim.simulate(
+                session,
+                clinic,
+                secret_key(session, config),
+                actors.real_clock(),
+                weeks=weeks,
+                baseline=baseline,
+                effect=effect,
+                seed=seed,
+            )
+    except (clinics.ClinicError, sim.SimulationError) as exc:
+        fail(str(exc))
+    human = (
+        f"clinic {clinic_id}: {truth.appointments} appointments of {truth.patients} patients, "
+        f"{truth.first_week} to {truth.last_week}, go-live {truth.go_live}, holdout "
+        f"{truth.holdout}, true effect {truth.effect}\n"
+        f"reminders report --clinic {clinic_id} --week {truth.last_week}"
+    )
+    emit(as_json, truth.as_dict(), human)
 
 
 @template_app.command("check")

@@ -107,7 +107,14 @@ class Appointment(Timestamps, Base):
         CheckConstraint(_in("confirmation", CONFIRMATIONS), name="confirmation_known"),
         CheckConstraint(f"outcome IS NULL OR {_in('outcome', OUTCOMES)}", name="outcome_known"),
         CheckConstraint("duration_minutes > 0 AND duration_minutes <= 1440", name="duration_range"),
-        Index("ix_appointments_clinic_starts", "clinic_id", "starts_at"),
+        # The weekly report aggregates one clinic's appointments over a time range: with these
+        # columns included, PostgreSQL answers those queries from the index alone.
+        Index(
+            "ix_appointments_clinic_starts",
+            "clinic_id",
+            "starts_at",
+            postgresql_include=["patient_id", "holdout", "outcome", "confirmation", "booked_at"],
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -285,3 +292,19 @@ class Event(Base):
     webhook_next_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     webhook_error: Mapped[str | None] = mapped_column(String(300))
     webhook_delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class WeeklyReport(Base):
+    """One clinic's report for one ISO week: the unique row makes the Monday build happen once
+    however many schedulers run; `data` holds the JSON once built."""
+
+    __tablename__ = "weekly_reports"
+    __table_args__ = (UniqueConstraint("clinic_id", "week"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinics.id", ondelete="CASCADE"))
+    week: Mapped[str] = mapped_column(String(8))  # 2026-W47
+    status: Mapped[str] = mapped_column(String(16), default="queued")  # queued, built
+    queued_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    built_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)

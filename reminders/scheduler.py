@@ -7,13 +7,15 @@ import logging
 
 from apscheduler.schedulers.base import BaseScheduler
 
-from reminders import actors, dispatch, events
+from reminders import actors, dispatch, events, report
 from reminders.config import get_settings
 from reminders.db import session_scope
 
 log = logging.getLogger(__name__)
 TICK_SECONDS = 60
 BATCH = 1000
+# Each clinic's report is due at Monday 07:00 in its own time zone: checked this often.
+REPORT_CHECK_SECONDS = 600
 
 
 def tick(clock: dispatch.Clock = actors.real_clock) -> list[int]:
@@ -37,6 +39,25 @@ def tick(clock: dispatch.Clock = actors.real_clock) -> list[int]:
     return queued
 
 
+def queue_reports(clock: dispatch.Clock = actors.real_clock) -> list[int]:
+    """Queues the weekly report builds that are due (each clinic's Monday 07:00); returns them."""
+    with session_scope() as session:
+        ids = report.queue_due(session, clock())
+    for report_id in ids:
+        actors.build_weekly_report.send(report_id)
+    return ids
+
+
+def _reports_job() -> None:
+    try:
+        queued = queue_reports()
+    except Exception:
+        log.exception("weekly report check failed; the next one will try again")
+        return
+    if queued:
+        log.info("queued %d weekly report(s)", len(queued))
+
+
 def _tick_job() -> None:
     try:
         queued = tick()
@@ -57,6 +78,16 @@ def add_jobs(scheduler: BaseScheduler) -> BaseScheduler:
         next_run_time=dt.datetime.now(dt.UTC),
         coalesce=True,
         misfire_grace_time=TICK_SECONDS * 5,
+        max_instances=1,
+    )
+    scheduler.add_job(
+        _reports_job,
+        "interval",
+        seconds=REPORT_CHECK_SECONDS,
+        id="weekly-reports",
+        next_run_time=dt.datetime.now(dt.UTC),
+        coalesce=True,
+        misfire_grace_time=REPORT_CHECK_SECONDS * 5,
         max_instances=1,
     )
     return scheduler

@@ -95,6 +95,12 @@ class AppointmentIn(BaseModel):
     _aware_source = field_validator("source_updated_at")(_aware)
 
 
+class OutcomeIn(BaseModel):
+    """The body of `POST /v1/appointments/{external_id}/outcome`."""
+
+    outcome: Outcome
+
+
 class BatchItem(AppointmentIn):
     external_id: ExternalId
 
