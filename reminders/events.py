@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy import event as sa_event
-from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session, aliased
 
 from reminders.db import session_scope
@@ -106,13 +106,17 @@ def record_at_commit(
     )
 
 
+_LOCK = select(func.pg_advisory_xact_lock(_LOCK_NAMESPACE, bindparam("clinic_id")))
+_INSERT = insert(Event)
+
+
 def _lock(session: Session, clinic_ids: list[int]) -> None:
     """Serialises event writers of these clinics until the transaction ends (PostgreSQL; SQLite
     writers are serialised by the database itself). Sorted, so two writers cannot deadlock."""
     if session.get_bind().dialect.name != "postgresql":
         return
     for clinic_id in sorted(set(clinic_ids)):
-        session.execute(select(func.pg_advisory_xact_lock(_LOCK_NAMESPACE, clinic_id)))
+        session.execute(_LOCK, {"clinic_id": clinic_id})
 
 
 @sa_event.listens_for(Session, "before_commit")
@@ -122,7 +126,7 @@ def _write_pending(session: Session) -> None:
         return
     session.flush()  # the transaction's other writes go before the lock, not under it
     _lock(session, [row["clinic_id"] for row in pending])
-    session.execute(insert(Event).values(pending))
+    session.execute(_INSERT, pending)
 
 
 @sa_event.listens_for(Session, "after_rollback")

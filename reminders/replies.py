@@ -8,17 +8,20 @@ may still become a cancellation, and a patient's cancellation is final.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Literal
+from functools import cache
+from typing import Any, Literal, cast
 
-from sqlalchemy import delete, func, inspect, select, update
+from sqlalchemy import Table, Update, bindparam, delete, func, inspect, select, update
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.sql.dml import ReturningInsert
 
 from reminders import events, grammar
-from reminders.db import Base
+from reminders.db import Base, UTCDateTime
 from reminders.models import Appointment, Clinic, InboundMessage, OptOut, Reminder
 from reminders.planning import drop_pending
 
@@ -85,27 +88,62 @@ def _guarded(
 ) -> bool:
     """One UPDATE ... RETURNING: when it applies, the appointment object takes the values of
     the row it locked (a clinic push may have changed it since it was loaded)."""
-    # The clinic's next push must be read in full, not answered from its digest.
-    values: dict[str, object] = {"confirmation": to, "decided_at": now, "content_hash": None}
-    if to == "cancelled_by_patient":
-        values["status"] = "cancelled"
-    columns = inspect(Appointment).column_attrs
     row = session.execute(
-        update(Appointment)
-        .where(
-            Appointment.id == appointment.id,
-            Appointment.confirmation.in_(allowed),
-            Appointment.status == "booked",
-        )
-        .values(**values)
-        .returning(*(column.class_attribute for column in columns))
-        .execution_options(synchronize_session=False)
+        _decision_update(to, allowed), {"appointment_id": appointment.id, "now": now}
     ).first()
     if row is None:
         return False
-    for column, value in zip(columns, row, strict=True):
+    for column, value in zip(inspect(Appointment).column_attrs, row, strict=True):
         set_committed_value(appointment, column.key, value)
     return True
+
+
+# The statements of the busy paths are built once (building one costs more CPU than running it)
+# and run as Core statements with their parameters.
+
+
+@cache
+def _decision_update(to: str, allowed: tuple[str, ...]) -> Update:
+    table = _table(Appointment)
+    # The clinic's next push must be read in full, not answered from its digest.
+    values: dict[str, object] = {
+        "confirmation": to,
+        "decided_at": bindparam("now", type_=UTCDateTime()),
+        "content_hash": None,
+    }
+    if to == "cancelled_by_patient":
+        values["status"] = "cancelled"
+    return (
+        update(table)
+        .where(
+            table.c.id == bindparam("appointment_id"),
+            table.c.confirmation.in_(allowed),
+            table.c.status == "booked",
+        )
+        .values(values)
+        .returning(*(column.columns[0] for column in inspect(Appointment).column_attrs))
+    )
+
+
+@cache
+def _insert_once(dialect: str, model: type[Base], *unique: str) -> ReturningInsert[Any]:
+    """INSERT ... ON CONFLICT (unique) DO NOTHING RETURNING id: the id, or nothing when a row
+    with the same unique key exists (or is being inserted by a concurrent transaction)."""
+    table = _table(model)
+    insert = pg.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+    return insert.on_conflict_do_nothing(index_elements=list(unique)).returning(table.c.id)
+
+
+def _inserted_once(
+    session: Session, model: type[Base], unique: tuple[str, ...], values: Mapping[str, object]
+) -> int | None:
+    statement = _insert_once(session.get_bind().dialect.name, model, *unique)
+    found: int | None = session.scalar(statement, values)
+    return found
+
+
+def _table(model: type[Base]) -> Table:
+    return cast(Table, model.__table__)
 
 
 def queue_answer(
@@ -134,33 +172,16 @@ def queue_answer(
         "claimed_at": now,
         "attempts": 0,
     }
-    # One statement: the unique (appointment, rule, start) makes a repeat insert nothing.
-    statement = (
-        _insert(session, Reminder)
-        .values(values)
-        .on_conflict_do_nothing(index_elements=["appointment_id", "rule", "appointment_starts_at"])
-        .returning(Reminder.id)
+    # The unique (appointment, rule, start) makes a repeat insert nothing.
+    return _inserted_once(
+        session, Reminder, ("appointment_id", "rule", "appointment_starts_at"), values
     )
-    found: int | None = session.execute(statement).scalar_one_or_none()
-    return found
-
-
-def _insert(session: Session, model: type[Base]) -> pg.Insert | sqlite.Insert:
-    """An INSERT that can say ON CONFLICT DO NOTHING, on either database."""
-    if session.get_bind().dialect.name == "postgresql":
-        return pg.insert(model)
-    return sqlite.insert(model)
 
 
 def opt_out(session: Session, phone: str, sender: str, source: str, now: dt.datetime) -> bool:
     """Records that `phone` wants nothing more from `sender`; False if it already had."""
-    statement = (
-        _insert(session, OptOut)
-        .values(phone_e164=phone, sender=sender, source=source)
-        .on_conflict_do_nothing(index_elements=["phone_e164", "sender"])
-        .returning(OptOut.id)
-    )
-    return session.execute(statement).scalar_one_or_none() is not None
+    values = {"phone_e164": phone, "sender": sender, "source": source}
+    return _inserted_once(session, OptOut, ("phone_e164", "sender"), values) is not None
 
 
 def opt_in(session: Session, phone: str, sender: str) -> bool:
@@ -171,8 +192,13 @@ def opt_in(session: Session, phone: str, sender: str) -> bool:
     return bool(getattr(result, "rowcount", 0))
 
 
+_CLINICS_SENDING_FROM = (
+    select(Clinic).where(Clinic.sender == bindparam("sender")).order_by(Clinic.id)
+)
+
+
 def clinics_sending_from(session: Session, sender: str) -> list[Clinic]:
-    return list(session.scalars(select(Clinic).where(Clinic.sender == sender).order_by(Clinic.id)))
+    return list(session.scalars(_CLINICS_SENDING_FROM, {"sender": sender}))
 
 
 # --- inbound SMS -----------------------------------------------------------------------------
@@ -210,21 +236,21 @@ def receive(session: Session, message: Inbound, now: dt.datetime) -> Handled:
         key = f"{message.msisdn}:{message.concat_ref}"
         session.execute(select(func.pg_advisory_xact_lock(func.hashtext(key))))
     # Stored first, in one statement: a retry (even a concurrent one) finds it and stops here.
-    row_id = session.execute(
-        _insert(session, InboundMessage)
-        .values(
-            provider_message_id=message.message_id,
-            msisdn=message.msisdn,
-            to_number=message.to,
-            text=message.text[:MAX_TEXT],
-            concat_ref=message.concat_ref,
-            concat_total=message.concat_total,
-            concat_part=message.concat_part,
-            received_at=message.received_at,
-        )
-        .on_conflict_do_nothing(index_elements=["provider_message_id"])
-        .returning(InboundMessage.id)
-    ).scalar_one_or_none()
+    row_id = _inserted_once(
+        session,
+        InboundMessage,
+        ("provider_message_id",),
+        {
+            "provider_message_id": message.message_id,
+            "msisdn": message.msisdn,
+            "to_number": message.to,
+            "text": message.text[:MAX_TEXT],
+            "concat_ref": message.concat_ref,
+            "concat_total": message.concat_total,
+            "concat_part": message.concat_part,
+            "received_at": message.received_at,
+        },
+    )
     if row_id is None:
         return Handled("duplicate", [])
     text = _assembled(session, message)
@@ -243,13 +269,11 @@ def receive(session: Session, message: Inbound, now: dt.datetime) -> Handled:
     return handled
 
 
+_SETTLE = update(_table(InboundMessage)).where(_table(InboundMessage).c.id == bindparam("row_id"))
+
+
 def _settle(session: Session, row_id: int, **values: object) -> None:
-    session.execute(
-        update(InboundMessage)
-        .where(InboundMessage.id == row_id)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
+    session.execute(_SETTLE, {"row_id": row_id, **values})
 
 
 def _assembled(session: Session, message: Inbound) -> str | None:
@@ -272,21 +296,24 @@ def _assembled(session: Session, message: Inbound) -> str | None:
     return "".join(p.text for p in parts)[:MAX_TEXT]
 
 
+_LATEST_REMINDED = (
+    select(Appointment)
+    .join(Reminder, Reminder.appointment_id == Appointment.id)
+    .where(
+        Reminder.phone_e164 == bindparam("phone"),
+        Reminder.clinic_id.in_(bindparam("clinic_ids", expanding=True)),
+        Reminder.kind.in_(("reminder", "late", "moved")),
+        Reminder.status.in_(("sent", "sending", "unknown")),
+    )
+    .order_by(Reminder.sent_at.desc().nulls_last(), Reminder.id.desc())
+    .limit(1)
+)
+
+
 def latest_reminded(session: Session, phone: str, clinic_ids: list[int]) -> Appointment | None:
     """The appointment of the latest reminder sent to `phone` by one of these clinics (one query,
     along ix_reminders_phone_sent)."""
-    return session.scalars(
-        select(Appointment)
-        .join(Reminder, Reminder.appointment_id == Appointment.id)
-        .where(
-            Reminder.phone_e164 == phone,
-            Reminder.clinic_id.in_(clinic_ids),
-            Reminder.kind.in_(("reminder", "late", "moved")),
-            Reminder.status.in_(("sent", "sending", "unknown")),
-        )
-        .order_by(Reminder.sent_at.desc().nulls_last(), Reminder.id.desc())
-        .limit(1)
-    ).first()
+    return session.scalars(_LATEST_REMINDED, {"phone": phone, "clinic_ids": clinic_ids}).first()
 
 
 def apply_reply(session: Session, phone: str, to: str, text: str, now: dt.datetime) -> Handled:
