@@ -19,10 +19,10 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import httpx
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import Insert, Table, bindparam, func, insert, select, update
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session, aliased
 
@@ -119,14 +119,49 @@ def _lock(session: Session, clinic_ids: list[int]) -> None:
         session.execute(_LOCK, {"clinic_id": clinic_id})
 
 
+_COLUMNS = (
+    "clinic_id",
+    "type",
+    "at",
+    "appointment_external_id",
+    "data",
+    "webhook_status",
+    "webhook_attempts",
+    "webhook_next_at",
+)
+
+
+def _locked_insert() -> Insert:
+    """One event's INSERT that first takes its clinic's lock, in the same statement (one round
+    trip less while the lock is held): the row, and so its sequence value, is made from the
+    lock's row, which PostgreSQL computes first (a CTE calling a volatile function is never
+    inlined, and the INSERT's source rows come out of it)."""
+    table = cast(Table, Event.__table__)
+    taken = select(
+        func.pg_advisory_xact_lock(_LOCK_NAMESPACE, bindparam("clinic_id")).label("taken")
+    ).cte("event_lock")
+    values = select(*(bindparam(name, type_=table.c[name].type) for name in _COLUMNS)).select_from(
+        taken
+    )
+    return insert(table).from_select([table.c[name] for name in _COLUMNS], values)
+
+
+_LOCKED_INSERT = _locked_insert()
+
+
 @sa_event.listens_for(Session, "before_commit")
 def _write_pending(session: Session) -> None:
     pending = session.info.pop(_PENDING, None)
     if not pending:
         return
     session.flush()  # the transaction's other writes go before the lock, not under it
-    _lock(session, [row["clinic_id"] for row in pending])
-    session.execute(_INSERT, pending)
+    if session.get_bind().dialect.name != "postgresql":
+        session.execute(_INSERT, pending)
+        return
+    # One statement per event, clinics in id order (two writers cannot deadlock), each clinic's
+    # events in the order they were recorded.
+    for row in sorted(pending, key=lambda row: int(row["clinic_id"])):
+        session.execute(_LOCKED_INSERT, row)
 
 
 @sa_event.listens_for(Session, "after_rollback")
