@@ -87,7 +87,7 @@ def record_at_commit(
 ) -> None:
     """Appends an event to the caller's transaction, written just before it commits (and lost
     with it on rollback). Queries in the same transaction do not see it: for writers that do not
-    read their events back."""
+    read their events back (and not inside a savepoint, whose rollback would not drop it)."""
     if type_ not in EVENT_TYPES:
         raise ValueError(f"unknown event type {type_!r}")
     clinic = session.get(Clinic, clinic_id)  # usually loaded already: no query
