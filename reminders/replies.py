@@ -297,11 +297,12 @@ def _assembled(session: Session, message: Inbound) -> str | None:
 
 
 _LATEST_REMINDED = (
-    select(Appointment)
+    select(Appointment, Clinic)
     .join(Reminder, Reminder.appointment_id == Appointment.id)
+    .join(Clinic, Clinic.id == Reminder.clinic_id)
     .where(
         Reminder.phone_e164 == bindparam("phone"),
-        Reminder.clinic_id.in_(bindparam("clinic_ids", expanding=True)),
+        Clinic.sender == bindparam("sender"),
         Reminder.kind.in_(("reminder", "late", "moved")),
         Reminder.status.in_(("sent", "sending", "unknown")),
     )
@@ -310,19 +311,24 @@ _LATEST_REMINDED = (
 )
 
 
-def latest_reminded(session: Session, phone: str, clinic_ids: list[int]) -> Appointment | None:
-    """The appointment of the latest reminder sent to `phone` by one of these clinics (one query,
-    along ix_reminders_phone_sent)."""
-    return session.scalars(_LATEST_REMINDED, {"phone": phone, "clinic_ids": clinic_ids}).first()
+def latest_reminded(session: Session, phone: str, sender: str) -> tuple[Appointment, Clinic] | None:
+    """The appointment of the latest reminder sent to `phone` by one of the clinics sending
+    from `sender`, with its clinic (one query, along ix_reminders_phone_sent)."""
+    row = session.execute(_LATEST_REMINDED, {"phone": phone, "sender": sender}).first()
+    return (row[0], row[1]) if row is not None else None
 
 
 def apply_reply(session: Session, phone: str, to: str, text: str, now: dt.datetime) -> Handled:
     """What a patient's reply means, applied (DESIGN rule 9: carrier words only opt out/in)."""
-    clinics = clinics_sending_from(session, to)
-    if not clinics:
-        return Handled("unknown_number", [])
-    appointment = latest_reminded(session, phone, [c.id for c in clinics])
-    clinic = next((c for c in clinics if appointment and c.id == appointment.clinic_id), clinics[0])
+    found = latest_reminded(session, phone, to)
+    clinics: list[Clinic] | None = None  # every clinic sending from `to`, read when needed
+    if found is not None:
+        appointment, clinic = found
+    else:
+        clinics = clinics_sending_from(session, to)
+        if not clinics:
+            return Handled("unknown_number", [])
+        appointment, clinic = None, clinics[0]
     handled = _apply(session, phone, to, text, now, clinics, clinic, appointment)
     return replace(
         handled,
@@ -337,17 +343,19 @@ def _apply(
     to: str,
     text: str,
     now: dt.datetime,
-    clinics: list[Clinic],
+    clinics: list[Clinic] | None,
     clinic: Clinic,
     appointment: Appointment | None,
 ) -> Handled:
     intent = grammar.parse(text)
     if intent is grammar.Intent.OPT_OUT:
-        return _opt_out(session, phone, to, clinics, clinic, appointment, now)
+        every = clinics if clinics is not None else clinics_sending_from(session, to)
+        return _opt_out(session, phone, to, every, clinic, appointment, now)
     if intent is grammar.Intent.OPT_IN or (
         intent is grammar.Intent.YES and _opted_out(session, phone, to)
     ):
-        return _opt_in(session, phone, to, clinics, clinic, appointment, now)
+        every = clinics if clinics is not None else clinics_sending_from(session, to)
+        return _opt_in(session, phone, to, every, clinic, appointment, now)
     decisive = (grammar.Intent.CONFIRM, grammar.Intent.CANCEL, grammar.Intent.YES)
     if intent in decisive and appointment is not None and appointment.starts_at > now:
         action: Action = "cancel" if intent is grammar.Intent.CANCEL else "confirm"

@@ -701,10 +701,10 @@ def sql_seen() -> Iterator[list[str]]:
 @pytest.mark.parametrize(
     ("text", "result", "most"),
     [
-        ("1", "confirm:applied", 7),
-        ("2", "cancel:applied", 8),
+        ("1", "confirm:applied", 6),
+        ("2", "cancel:applied", 7),
         ("STOP", "opt_out:applied", 7),
-        ("hello?", "needs_attention", 7),
+        ("hello?", "needs_attention", 6),
     ],
 )
 def test_a_reply_costs_few_statements_and_locks_only_for_its_event_insert(
