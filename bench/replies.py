@@ -1,7 +1,8 @@
 """Replies benchmark: signed Vonage inbound SMS and patient-link GETs, offered open loop.
 
     .venv/bin/python bench/replies.py [--seconds 30] [--inbound-rate 300] [--link-rate 200]
-                                      [--patients 12000] [--profile DIR] [--json]
+                                      [--patients 12000] [--api-workers 1] [--profile DIR]
+                                      [--json]
 
 Set-up: a fresh PostgreSQL database (`reminders_bench_replies`, dropped first; server and
 credentials from `REMINDERS_BENCH_DATABASE_URL`, default
@@ -10,7 +11,8 @@ made with `reminders clinic add ... --sender +33939000000 --json`, then, in bulk
 (one mobile number each), one appointment each (2 to 9 days ahead, with its link token computed
 by `reminders.security.link_token`), its `72h` reminder already `sent` to the patient (so a reply
 applies to it) and its `24h:unconfirmed` reminder still planned (so a cancel drops it). Redis db 13
-is flushed. Then ONE `reminders api` and ONE `reminders worker --threads 8` start with the vonage
+is flushed. Then ONE `reminders api` (`--api-workers N`: `reminders api --workers N`, its CPU
+counted over all its processes) and ONE `reminders worker --threads 8` start with the vonage
 provider, the worker sending to a local HTTPS Vonage stand-in (`tests/vonage_standin.py`, run in
 a child process so its TLS work does not share this process's GIL; it counts POSTs per
 `client-ref`), so every acknowledgement really goes out.
@@ -149,6 +151,17 @@ def cpu_seconds(pid: int) -> float:
     except (OSError, ValueError):
         return 0.0
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def descendants(pid: int) -> list[int]:
+    """The children of a process, theirs, and so on (from /proc/<pid>/task/*/children)."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                for child in (task / "children").read_text().split():
+                    found += [int(child), *descendants(int(child))]
+    return found
 
 
 def cpu_of_named(name: str) -> dict[int, float]:
@@ -503,7 +516,9 @@ class Service:
         return self.process.pid
 
     def cpu(self) -> float:
-        return cpu_seconds(self.process.pid)
+        """Its CPU seconds and its live children's (`reminders api --workers N`)."""
+        pid = self.process.pid
+        return cpu_seconds(pid) + sum(cpu_seconds(child) for child in descendants(pid))
 
     def check_alive(self) -> None:
         if self.process.poll() is not None:
@@ -556,12 +571,14 @@ class Spy:
     (SIGINT): `<name>.cpu.raw` samples only threads holding the GIL (where CPU goes),
     `<name>.wall.raw` every thread, idle ones included (where requests wait)."""
 
-    def __init__(self, pid: int, directory: Path, name: str) -> None:
+    def __init__(self, pid: int, directory: Path, name: str, *, children: bool = False) -> None:
         self.cpu_raw = directory / f"{name}.cpu.raw"
         self.wall_raw = directory / f"{name}.wall.raw"
         self.log = (directory / f"{name}.py-spy.log").open("wb")
         spy = str(Path(sys.executable).parent / "py-spy")
         common = ["record", "--pid", str(pid), "--rate", "100", "--format", "raw"]
+        if children:
+            common.append("--subprocesses")
         self.processes = [
             subprocess.Popen(
                 [spy, *common, "--nonblocking", *extra, "--output", str(output)],
@@ -1306,6 +1323,7 @@ def measure(args: argparse.Namespace, url: str) -> Report:
         "timeout": args.timeout,
         "wait_quiet": args.wait_quiet,
         "worker_threads": args.threads,
+        "api_workers": args.api_workers,
         "send_rate": SEND_RATE,
         "cpus": os.cpu_count(),
         "tree": code_version(),
@@ -1344,7 +1362,8 @@ def measure(args: argparse.Namespace, url: str) -> Report:
         tokens = seed(engine, int(clinic["id"]), args.patients, dt.datetime.now(dt.UTC))
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
-        api = Service("api", ["api", "--port", str(port)], env, logs)
+        api_args = ["api", "--port", str(port), "--workers", str(args.api_workers)]
+        api = Service("api", api_args, env, logs)
         services.append(api)
         worker = Service("worker", ["worker", "--threads", str(args.threads)], env, logs)
         services.append(worker)
@@ -1356,7 +1375,11 @@ def measure(args: argparse.Namespace, url: str) -> Report:
         # Phase 1: inbound SMS.
         requests = inbound_requests(inbound_count)
         waited = wait_for_quiet(args.wait_quiet, args.wait_quiet_max)
-        spy = Spy(api.pid, args.profile, "inbound") if args.profile else None
+        spy = (
+            Spy(api.pid, args.profile, "inbound", children=args.api_workers > 1)
+            if args.profile
+            else None
+        )
         if spy is not None:
             spies["inbound"] = spy
         meter.start()
@@ -1430,7 +1453,11 @@ def measure(args: argparse.Namespace, url: str) -> Report:
                 text("VACUUM (ANALYZE) appointments, reminders, inbound_messages, events, opt_outs")
             )
         waited = wait_for_quiet(args.wait_quiet, args.wait_quiet_max)
-        spy = Spy(api.pid, args.profile, "link") if args.profile else None
+        spy = (
+            Spy(api.pid, args.profile, "link", children=args.api_workers > 1)
+            if args.profile
+            else None
+        )
         if spy is not None:
             spies["link"] = spy
         meter.start()
@@ -1537,8 +1564,8 @@ def phase_table(phase: PhaseResult) -> Table:
 def print_report(report: Report, console: Console) -> None:
     console.print(
         f"bench/replies.py: {report.config['seconds']:g} s per phase, "
-        f"{report.config['patients']:,} patients, code {report.config['tree']}, one api + one "
-        "worker "
+        f"{report.config['patients']:,} patients, code {report.config['tree']}, "
+        f"one api (--workers {report.config.get('api_workers', 1)}) + one worker "
         f"(--threads {report.config['worker_threads']}), load average at start "
         f"{report.load_start}"
     )
@@ -1598,6 +1625,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--timeout", type=float, default=300.0, help="seconds a request may take (pool included)"
     )
     parser.add_argument("--threads", type=int, default=8, help="worker threads")
+    parser.add_argument(
+        "--api-workers", type=int, default=1, help="processes of `reminders api --workers N`"
+    )
     parser.add_argument(
         "--settle-timeout", type=float, default=300.0, help="seconds to wait for answers"
     )

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import dramatiq
 import typer
@@ -23,12 +23,16 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
+from uvicorn.supervisors import Multiprocess
 
 from reminders import actors, broker, clinics, db, dispatch, scheduler, texts
 from reminders.broker import QUEUE, WEBHOOK_QUEUE
 from reminders.config import ConfigError, Settings, get_settings
 from reminders.models import Clinic
 from reminders.security import secret_key
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 app = typer.Typer(
     name="reminders",
@@ -141,12 +145,47 @@ def run(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
 
 
 @app.command()
-def api(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
+def api(
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8000,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Processes serving the port (each with its own database pool and rate limiter).",
+        ),
+    ] = 1,
+) -> None:
     """The HTTP API alone (production: run `reminders migrate` first)."""
     config = settings()
     prepare_database(config, auto_migrate=False)
-    broker.install(config)  # answers to patients are queued straight from the webhooks
-    make_server(host, port).run()
+    if workers == 1:
+        broker.install(config)  # answers to patients are queued straight from the webhooks
+        make_server(host, port).run()
+        return
+    # One Python process uses one core at most: several share the socket. uvicorn's supervisor
+    # starts them (spawned, each builds its app with `api_app`), restarts one that dies, and on
+    # SIGTERM/SIGINT stops them all, in-flight requests first.
+    _logging()
+    uv = uvicorn.Config(
+        "reminders.cli:api_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        access_log=False,
+    )
+    Multiprocess(uv, sockets=[uv.bind_socket()]).run()
+
+
+def api_app() -> FastAPI:
+    """The app of one `reminders api --workers N` process."""
+    from reminders.api import create_app
+
+    _logging()
+    broker.install(settings())
+    return create_app()
 
 
 def _needs_redis(part: str) -> Settings:

@@ -3,6 +3,13 @@
 PostgreSQL hands out sequence values before commit, so two transactions can commit ids out of
 order and a poller reading `after=102` could miss 101. Event writes are serialised per clinic
 with a transaction-scoped advisory lock, so ids of one clinic commit in order (DESIGN rule 12).
+
+`record` takes the lock at once and holds it until the transaction ends. Busy paths (patients'
+replies, links) use `record_at_commit` instead: the event is kept on the session and written
+just before COMMIT, in one INSERT for all of them, after the lock; so the lock is held only for
+that INSERT and the COMMIT, not for the rest of the request. The ids still come from the
+sequence under the lock, in commit order. A lock-free feed (e.g. a cursor over transaction ids)
+was not chosen: a sequence value and a commit can only be ordered by serialising them.
 """
 
 from __future__ import annotations
@@ -12,10 +19,11 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import httpx
-from sqlalchemy import func, select, update
+from sqlalchemy import Insert, Table, bindparam, func, insert, select, update
+from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session, aliased
 
 from reminders.db import session_scope
@@ -48,8 +56,7 @@ def record(
     """Appends an event in the caller's transaction (and its webhook delivery, if any)."""
     if type_ not in EVENT_TYPES:
         raise ValueError(f"unknown event type {type_!r}")
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(select(func.pg_advisory_xact_lock(_LOCK_NAMESPACE, clinic_id)))
+    _lock(session, [clinic_id])
     has_webhook = session.scalar(select(Clinic.webhook_url).where(Clinic.id == clinic_id))
     event = Event(
         clinic_id=clinic_id,
@@ -64,6 +71,102 @@ def record(
     session.add(event)
     session.flush()
     return event
+
+
+_PENDING = "reminders.events.pending"  # the session.info key of events written at commit
+
+
+def record_at_commit(
+    session: Session,
+    clinic_id: int,
+    type_: str,
+    now: dt.datetime,
+    *,
+    appointment: str | None = None,
+    data: dict[str, Any] | None = None,
+) -> None:
+    """Appends an event to the caller's transaction, written just before it commits (and lost
+    with it on rollback). Queries in the same transaction do not see it: for writers that do not
+    read their events back (and not inside a savepoint, whose rollback would not drop it)."""
+    if type_ not in EVENT_TYPES:
+        raise ValueError(f"unknown event type {type_!r}")
+    clinic = session.get(Clinic, clinic_id)  # usually loaded already: no query
+    has_webhook = clinic is not None and bool(clinic.webhook_url)
+    session.info.setdefault(_PENDING, []).append(
+        {
+            "clinic_id": clinic_id,
+            "type": type_,
+            "at": now,
+            "appointment_external_id": appointment,
+            "data": data or {},
+            "webhook_status": "pending" if has_webhook else "none",
+            "webhook_next_at": now if has_webhook else None,
+            "webhook_attempts": 0,
+        }
+    )
+
+
+_LOCK = select(func.pg_advisory_xact_lock(_LOCK_NAMESPACE, bindparam("clinic_id")))
+_INSERT = insert(Event)
+
+
+def _lock(session: Session, clinic_ids: list[int]) -> None:
+    """Serialises event writers of these clinics until the transaction ends (PostgreSQL; SQLite
+    writers are serialised by the database itself). Sorted, so two writers cannot deadlock."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    for clinic_id in sorted(set(clinic_ids)):
+        session.execute(_LOCK, {"clinic_id": clinic_id})
+
+
+_COLUMNS = (
+    "clinic_id",
+    "type",
+    "at",
+    "appointment_external_id",
+    "data",
+    "webhook_status",
+    "webhook_attempts",
+    "webhook_next_at",
+)
+
+
+def _locked_insert() -> Insert:
+    """One event's INSERT that first takes its clinic's lock, in the same statement (one round
+    trip less while the lock is held): the row, and so its sequence value, is made from the
+    lock's row, which PostgreSQL computes first (a CTE calling a volatile function is never
+    inlined, and the INSERT's source rows come out of it)."""
+    table = cast(Table, Event.__table__)
+    taken = select(
+        func.pg_advisory_xact_lock(_LOCK_NAMESPACE, bindparam("clinic_id")).label("taken")
+    ).cte("event_lock")
+    values = select(*(bindparam(name, type_=table.c[name].type) for name in _COLUMNS)).select_from(
+        taken
+    )
+    return insert(table).from_select([table.c[name] for name in _COLUMNS], values)
+
+
+_LOCKED_INSERT = _locked_insert()
+
+
+@sa_event.listens_for(Session, "before_commit")
+def _write_pending(session: Session) -> None:
+    pending = session.info.pop(_PENDING, None)
+    if not pending:
+        return
+    session.flush()  # the transaction's other writes go before the lock, not under it
+    if session.get_bind().dialect.name != "postgresql":
+        session.execute(_INSERT, pending)
+        return
+    # One statement per event, clinics in id order (two writers cannot deadlock), each clinic's
+    # events in the order they were recorded.
+    for row in sorted(pending, key=lambda row: int(row["clinic_id"])):
+        session.execute(_LOCKED_INSERT, row)
+
+
+@sa_event.listens_for(Session, "after_rollback")
+def _forget_pending(session: Session) -> None:
+    session.info.pop(_PENDING, None)
 
 
 def envelope(event: Event) -> dict[str, Any]:

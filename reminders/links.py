@@ -20,21 +20,23 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cache
 from typing import Annotated
 from urllib.parse import parse_qsl
 from zoneinfo import ZoneInfo
 
+from babel import Locale
 from babel.dates import format_date, format_time
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
 from jinja2 import Environment
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from reminders import broker
 from reminders.config import IpNetwork, get_settings
-from reminders.db import session_scope
-from reminders.models import Appointment, Clinic
+from reminders.db import get_engine, session_scope
+from reminders.models import Appointment, Clinic, Patient
 from reminders.replies import Action, decide
 
 router = APIRouter(tags=["patient links"], include_in_schema=False)
@@ -211,20 +213,48 @@ class View:
 
 
 def view_of(appointment: Appointment, clinic: Clinic) -> View:
-    lang = appointment.patient.language if appointment.patient.language in TEXTS else "en"
-    local = appointment.starts_at.astimezone(ZoneInfo(clinic.timezone))
-    state = appointment.confirmation
-    if state != "cancelled_by_patient" and appointment.status != "booked":
+    return _view(
+        appointment.patient.language,
+        appointment.starts_at,
+        clinic.timezone,
+        clinic.name,
+        appointment.confirmation,
+        appointment.status,
+        appointment.practitioner,
+        appointment.location,
+    )
+
+
+def _view(
+    language: str,
+    starts_at: dt.datetime,
+    timezone: str,
+    clinic: str,
+    confirmation: str,
+    status: str,
+    practitioner: str | None,
+    location: str | None,
+) -> View:
+    lang = language if language in TEXTS else "en"
+    local = starts_at.astimezone(ZoneInfo(timezone))
+    state = confirmation
+    if state != "cancelled_by_patient" and status != "booked":
         state = "cancelled_by_clinic"
+    locale = _locale(lang)
     return View(
         lang=lang,
-        clinic=clinic.name,
-        date=format_date(local, DATE_FORMATS[lang], locale=lang),
-        time=format_time(local, "short", tzinfo=local.tzinfo, locale=lang),
-        practitioner=appointment.practitioner or "",
-        location=appointment.location or "",
+        clinic=clinic,
+        date=format_date(local, DATE_FORMATS[lang], locale=locale),
+        time=format_time(local, "short", tzinfo=local.tzinfo, locale=locale),
+        practitioner=practitioner or "",
+        location=location or "",
         state=state,
     )
+
+
+@cache
+def _locale(lang: str) -> Locale:
+    return Locale.parse(lang)
 
 
 class RateLimiter:
@@ -381,16 +411,50 @@ async def form_action(request: Request) -> str | None:
 
 @router.api_route("/c/{token}", methods=["GET", "HEAD"])
 def show(token: str, request: Request) -> HTMLResponse:
-    """Shows the appointment. Never changes anything."""
+    """Shows the appointment. Never changes anything: one query, outside any transaction."""
     now = dt.datetime.now(dt.UTC)
     refused = _throttled(request)
     if refused is not None:
         return refused
-    with session_scope() as session:
-        opened = _open(session, token, now)
-        if isinstance(opened, HTMLResponse):
-            return opened
-    return appointment_page(opened[2])
+    row = None
+    if TOKEN.fullmatch(token) is not None:
+        with get_engine().connect() as connection:
+            autocommit = connection.execution_options(isolation_level="AUTOCOMMIT")
+            row = autocommit.execute(_PAGE_QUERY, {"token": token}).first()
+    if row is None or not hmac.compare_digest(row.link_token.encode(), token.encode()):
+        return error_page("not_found", 404, None)  # (or a case-insensitive collation matched)
+    view = _view(
+        row.language,
+        row.starts_at,
+        row.timezone,
+        row.name,
+        row.confirmation,
+        row.status,
+        row.practitioner,
+        row.location,
+    )
+    if now >= row.starts_at:
+        return error_page("expired", 410, view.lang)
+    return appointment_page(view)
+
+
+# What the page shows, read in one statement built once.
+_PAGE_QUERY = (
+    select(
+        Appointment.link_token,
+        Appointment.starts_at,
+        Appointment.confirmation,
+        Appointment.status,
+        Appointment.practitioner,
+        Appointment.location,
+        Patient.language,
+        Clinic.name,
+        Clinic.timezone,
+    )
+    .join(Patient, Patient.id == Appointment.patient_id)
+    .join(Clinic, Clinic.id == Appointment.clinic_id)
+    .where(Appointment.link_token == bindparam("token"))
+)
 
 
 @router.post("/c/{token}")

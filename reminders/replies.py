@@ -8,13 +8,20 @@ may still become a cancellation, and a patient's cancellation is final.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from functools import cache
+from typing import Any, Literal, cast
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Table, Update, bindparam, delete, func, inspect, select, update
+from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.sql.dml import ReturningInsert
 
 from reminders import events, grammar
+from reminders.db import Base, UTCDateTime
 from reminders.models import Appointment, Clinic, InboundMessage, OptOut, Reminder
 from reminders.planning import drop_pending
 
@@ -41,8 +48,8 @@ def decide(
         changed = _guarded(
             session, appointment, "cancelled_by_patient", ("unconfirmed", "confirmed"), now
         )
-    session.refresh(appointment)
     if not changed:
+        session.refresh(appointment)  # the state someone else decided
         return Decision(False, appointment.confirmation)
     data: dict[str, object] = {"source": source, "starts_at": appointment.starts_at.isoformat()}
     if action == "cancel":
@@ -54,7 +61,7 @@ def decide(
             "duration_minutes": appointment.duration_minutes,
         }
     kind = "appointment.confirmed" if action == "confirm" else "appointment.cancelled"
-    events.record(
+    events.record_at_commit(
         session, appointment.clinic_id, kind, now, appointment=appointment.external_id, data=data
     )
     answer = None
@@ -79,21 +86,64 @@ def _guarded(
     allowed: tuple[str, ...],
     now: dt.datetime,
 ) -> bool:
+    """One UPDATE ... RETURNING: when it applies, the appointment object takes the values of
+    the row it locked (a clinic push may have changed it since it was loaded)."""
+    row = session.execute(
+        _decision_update(to, allowed), {"appointment_id": appointment.id, "now": now}
+    ).first()
+    if row is None:
+        return False
+    for column, value in zip(inspect(Appointment).column_attrs, row, strict=True):
+        set_committed_value(appointment, column.key, value)
+    return True
+
+
+# The statements of the busy paths are built once (building one costs more CPU than running it)
+# and run as Core statements with their parameters.
+
+
+@cache
+def _decision_update(to: str, allowed: tuple[str, ...]) -> Update:
+    table = _table(Appointment)
     # The clinic's next push must be read in full, not answered from its digest.
-    values: dict[str, object] = {"confirmation": to, "decided_at": now, "content_hash": None}
+    values: dict[str, object] = {
+        "confirmation": to,
+        "decided_at": bindparam("now", type_=UTCDateTime()),
+        "content_hash": None,
+    }
     if to == "cancelled_by_patient":
         values["status"] = "cancelled"
-    result = session.execute(
-        update(Appointment)
+    return (
+        update(table)
         .where(
-            Appointment.id == appointment.id,
-            Appointment.confirmation.in_(allowed),
-            Appointment.status == "booked",
+            table.c.id == bindparam("appointment_id"),
+            table.c.confirmation.in_(allowed),
+            table.c.status == "booked",
         )
-        .values(**values)
-        .execution_options(synchronize_session=False)
+        .values(values)
+        .returning(*(column.columns[0] for column in inspect(Appointment).column_attrs))
     )
-    return getattr(result, "rowcount", 0) == 1
+
+
+@cache
+def _insert_once(dialect: str, model: type[Base], *unique: str) -> ReturningInsert[Any]:
+    """INSERT ... ON CONFLICT (unique) DO NOTHING RETURNING id: the id, or nothing when a row
+    with the same unique key exists (or is being inserted by a concurrent transaction)."""
+    table = _table(model)
+    insert = pg.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+    return insert.on_conflict_do_nothing(index_elements=list(unique)).returning(table.c.id)
+
+
+def _inserted_once(
+    session: Session, model: type[Base], unique: tuple[str, ...], values: Mapping[str, object]
+) -> int | None:
+    statement = _insert_once(session.get_bind().dialect.name, model, *unique)
+    found: int | None = session.scalar(statement, values)
+    return found
+
+
+def _table(model: type[Base]) -> Table:
+    return cast(Table, model.__table__)
 
 
 def queue_answer(
@@ -109,44 +159,29 @@ def queue_answer(
     """An SMS answering the patient, created `queued` so the caller can send its id to the
     worker at once after commit (the sweep queues it again if that is lost). Returns its id, or
     None when the same answer for this booking exists already."""
-    if appointment is not None:
-        existing = session.scalar(
-            select(Reminder.id).where(
-                Reminder.appointment_id == appointment.id,
-                Reminder.rule == rule,
-                Reminder.appointment_starts_at == appointment.starts_at,
-            )
-        )
-        if existing is not None:
-            return None
-    row = Reminder(
-        clinic_id=clinic_id,
-        appointment_id=appointment.id if appointment is not None else None,
-        phone_e164=phone,
-        kind=kind,
-        rule=rule,
-        appointment_starts_at=appointment.starts_at if appointment is not None else None,
-        due_at=now,
-        send_by=now + ANSWER_WINDOW,
-        status="queued",
-        claimed_at=now,
-        attempts=0,
+    values = {
+        "clinic_id": clinic_id,
+        "appointment_id": appointment.id if appointment is not None else None,
+        "phone_e164": phone,
+        "kind": kind,
+        "rule": rule,
+        "appointment_starts_at": appointment.starts_at if appointment is not None else None,
+        "due_at": now,
+        "send_by": now + ANSWER_WINDOW,
+        "status": "queued",
+        "claimed_at": now,
+        "attempts": 0,
+    }
+    # The unique (appointment, rule, start) makes a repeat insert nothing.
+    return _inserted_once(
+        session, Reminder, ("appointment_id", "rule", "appointment_starts_at"), values
     )
-    session.add(row)
-    session.flush()
-    return row.id
 
 
 def opt_out(session: Session, phone: str, sender: str, source: str, now: dt.datetime) -> bool:
     """Records that `phone` wants nothing more from `sender`; False if it already had."""
-    found = session.scalar(
-        select(OptOut.id).where(OptOut.phone_e164 == phone, OptOut.sender == sender)
-    )
-    if found is not None:
-        return False
-    session.add(OptOut(phone_e164=phone, sender=sender, source=source))
-    session.flush()
-    return True
+    values = {"phone_e164": phone, "sender": sender, "source": source}
+    return _inserted_once(session, OptOut, ("phone_e164", "sender"), values) is not None
 
 
 def opt_in(session: Session, phone: str, sender: str) -> bool:
@@ -157,8 +192,13 @@ def opt_in(session: Session, phone: str, sender: str) -> bool:
     return bool(getattr(result, "rowcount", 0))
 
 
+_CLINICS_SENDING_FROM = (
+    select(Clinic).where(Clinic.sender == bindparam("sender")).order_by(Clinic.id)
+)
+
+
 def clinics_sending_from(session: Session, sender: str) -> list[Clinic]:
-    return list(session.scalars(select(Clinic).where(Clinic.sender == sender).order_by(Clinic.id)))
+    return list(session.scalars(_CLINICS_SENDING_FROM, {"sender": sender}))
 
 
 # --- inbound SMS -----------------------------------------------------------------------------
@@ -182,6 +222,8 @@ class Inbound:
 class Handled:
     result: str  # what happened, for the log and the inbound row
     answers: list[int]  # answer SMS queued, to send after commit
+    clinic_id: int | None = None  # the clinic the reply was for, if any
+    appointment_id: int | None = None  # the appointment it applied to, if any
 
 
 MAX_TEXT = 1600  # what we keep of a reply; longer texts are someone writing a letter
@@ -193,92 +235,127 @@ def receive(session: Session, message: Inbound, now: dt.datetime) -> Handled:
         # Parts of one message arrive in parallel: one transaction at a time assembles them.
         key = f"{message.msisdn}:{message.concat_ref}"
         session.execute(select(func.pg_advisory_xact_lock(func.hashtext(key))))
-    exists = session.scalar(
-        select(InboundMessage.id).where(InboundMessage.provider_message_id == message.message_id)
+    # Stored first, in one statement: a retry (even a concurrent one) finds it and stops here.
+    row_id = _inserted_once(
+        session,
+        InboundMessage,
+        ("provider_message_id",),
+        {
+            "provider_message_id": message.message_id,
+            "msisdn": message.msisdn,
+            "to_number": message.to,
+            "text": message.text[:MAX_TEXT],
+            "concat_ref": message.concat_ref,
+            "concat_total": message.concat_total,
+            "concat_part": message.concat_part,
+            "received_at": message.received_at,
+        },
     )
-    if exists is not None:
+    if row_id is None:
         return Handled("duplicate", [])
-    row = InboundMessage(
-        provider_message_id=message.message_id,
-        msisdn=message.msisdn,
-        to_number=message.to,
-        text=message.text[:MAX_TEXT],
-        concat_ref=message.concat_ref,
-        concat_total=message.concat_total,
-        concat_part=message.concat_part,
-        received_at=message.received_at,
-    )
-    session.add(row)
-    session.flush()
-    text = _assembled(session, row)
+    text = _assembled(session, message)
     if text is None:
-        row.result = "part"
+        _settle(session, row_id, result="part")
         return Handled("part", [])
-    handled = apply_reply(session, message.msisdn, message.to, text, now, row)
-    row.result, row.applied_at = handled.result, now
+    handled = apply_reply(session, message.msisdn, message.to, text, now)
+    _settle(
+        session,
+        row_id,
+        result=handled.result,
+        applied_at=now,
+        clinic_id=handled.clinic_id,
+        appointment_id=handled.appointment_id,
+    )
     return handled
 
 
-def _assembled(session: Session, row: InboundMessage) -> str | None:
+_SETTLE = update(_table(InboundMessage)).where(_table(InboundMessage).c.id == bindparam("row_id"))
+
+
+def _settle(session: Session, row_id: int, **values: object) -> None:
+    session.execute(_SETTLE, {"row_id": row_id, **values})
+
+
+def _assembled(session: Session, message: Inbound) -> str | None:
     """The whole text once every part is here (None while some are missing)."""
-    if not row.concat_ref or not row.concat_total or row.concat_total <= 1:
-        return row.text
+    if not message.concat_ref or not message.concat_total or message.concat_total <= 1:
+        return message.text[:MAX_TEXT]
     parts = list(
-        session.scalars(
-            select(InboundMessage)
+        session.execute(
+            select(InboundMessage.concat_part, InboundMessage.text)
             .where(
-                InboundMessage.msisdn == row.msisdn,
-                InboundMessage.concat_ref == row.concat_ref,
+                InboundMessage.msisdn == message.msisdn,
+                InboundMessage.concat_ref == message.concat_ref,
             )
             .order_by(InboundMessage.concat_part)
         )
     )
     numbers = {p.concat_part for p in parts}
-    if numbers != set(range(1, row.concat_total + 1)):
+    if numbers != set(range(1, message.concat_total + 1)):
         return None
     return "".join(p.text for p in parts)[:MAX_TEXT]
 
 
-def latest_reminded(session: Session, phone: str, clinic_ids: list[int]) -> Appointment | None:
-    """The appointment of the latest reminder sent to `phone` by one of these clinics."""
-    appointment_id = session.scalar(
-        select(Reminder.appointment_id)
-        .where(
-            Reminder.phone_e164 == phone,
-            Reminder.clinic_id.in_(clinic_ids),
-            Reminder.kind.in_(("reminder", "late", "moved")),
-            Reminder.status.in_(("sent", "sending", "unknown")),
-            Reminder.appointment_id.is_not(None),
-        )
-        .order_by(Reminder.sent_at.desc().nulls_last(), Reminder.id.desc())
-        .limit(1)
+_LATEST_REMINDED = (
+    select(Appointment, Clinic)
+    .join(Reminder, Reminder.appointment_id == Appointment.id)
+    .join(Clinic, Clinic.id == Reminder.clinic_id)
+    .where(
+        Reminder.phone_e164 == bindparam("phone"),
+        Clinic.sender == bindparam("sender"),
+        Reminder.kind.in_(("reminder", "late", "moved")),
+        Reminder.status.in_(("sent", "sending", "unknown")),
     )
-    return session.get(Appointment, appointment_id) if appointment_id is not None else None
+    .order_by(Reminder.sent_at.desc().nulls_last(), Reminder.id.desc())
+    .limit(1)
+)
 
 
-def apply_reply(
+def latest_reminded(session: Session, phone: str, sender: str) -> tuple[Appointment, Clinic] | None:
+    """The appointment of the latest reminder sent to `phone` by one of the clinics sending
+    from `sender`, with its clinic (one query, along ix_reminders_phone_sent)."""
+    row = session.execute(_LATEST_REMINDED, {"phone": phone, "sender": sender}).first()
+    return (row[0], row[1]) if row is not None else None
+
+
+def apply_reply(session: Session, phone: str, to: str, text: str, now: dt.datetime) -> Handled:
+    """What a patient's reply means, applied (DESIGN rule 9: carrier words only opt out/in)."""
+    found = latest_reminded(session, phone, to)
+    clinics: list[Clinic] | None = None  # every clinic sending from `to`, read when needed
+    if found is not None:
+        appointment, clinic = found
+    else:
+        clinics = clinics_sending_from(session, to)
+        if not clinics:
+            return Handled("unknown_number", [])
+        appointment, clinic = None, clinics[0]
+    handled = _apply(session, phone, to, text, now, clinics, clinic, appointment)
+    return replace(
+        handled,
+        clinic_id=clinic.id,
+        appointment_id=appointment.id if appointment is not None else None,
+    )
+
+
+def _apply(
     session: Session,
     phone: str,
     to: str,
     text: str,
     now: dt.datetime,
-    row: InboundMessage | None = None,
+    clinics: list[Clinic] | None,
+    clinic: Clinic,
+    appointment: Appointment | None,
 ) -> Handled:
-    """What a patient's reply means, applied (DESIGN rule 9: carrier words only opt out/in)."""
-    clinics = clinics_sending_from(session, to)
-    if not clinics:
-        return Handled("unknown_number", [])
-    appointment = latest_reminded(session, phone, [c.id for c in clinics])
-    clinic = next((c for c in clinics if appointment and c.id == appointment.clinic_id), clinics[0])
-    if row is not None:
-        row.clinic_id = clinic.id
-        row.appointment_id = appointment.id if appointment is not None else None
     intent = grammar.parse(text)
     if intent is grammar.Intent.OPT_OUT:
-        return _opt_out(session, phone, to, clinics, clinic, appointment, now)
-    opted = session.scalar(select(OptOut.id).where(OptOut.phone_e164 == phone, OptOut.sender == to))
-    if intent is grammar.Intent.OPT_IN or (intent is grammar.Intent.YES and opted is not None):
-        return _opt_in(session, phone, to, clinics, clinic, appointment, now)
+        every = clinics if clinics is not None else clinics_sending_from(session, to)
+        return _opt_out(session, phone, to, every, clinic, appointment, now)
+    if intent is grammar.Intent.OPT_IN or (
+        intent is grammar.Intent.YES and _opted_out(session, phone, to)
+    ):
+        every = clinics if clinics is not None else clinics_sending_from(session, to)
+        return _opt_in(session, phone, to, every, clinic, appointment, now)
     decisive = (grammar.Intent.CONFIRM, grammar.Intent.CANCEL, grammar.Intent.YES)
     if intent in decisive and appointment is not None and appointment.starts_at > now:
         action: Action = "cancel" if intent is grammar.Intent.CANCEL else "confirm"
@@ -286,6 +363,13 @@ def apply_reply(
         answers = [decision.answer_id] if decision.answer_id is not None else []
         return Handled(f"{action}:{'applied' if decision.changed else 'unchanged'}", answers)
     return _needs_attention(session, phone, text, clinic, appointment, now)
+
+
+def _opted_out(session: Session, phone: str, sender: str) -> bool:
+    found = session.scalar(
+        select(OptOut.id).where(OptOut.phone_e164 == phone, OptOut.sender == sender)
+    )
+    return found is not None
 
 
 def _opt_out(
@@ -300,7 +384,7 @@ def _opt_out(
     if not opt_out(session, phone, to, "sms", now):
         return Handled("opt_out:unchanged", [])
     for each in clinics:
-        events.record(
+        events.record_at_commit(
             session,
             each.id,
             "patient.opted_out",
@@ -325,7 +409,7 @@ def _opt_in(
     if not opt_in(session, phone, to):
         return Handled("opt_in:unchanged", [])
     for each in clinics:
-        events.record(
+        events.record_at_commit(
             session, each.id, "patient.opted_in", now, data={"phone": phone, "sender": to}
         )
     return _answered(session, clinic, phone, "opted_in", now, appointment, "opt_in:applied")
@@ -339,7 +423,7 @@ def _needs_attention(
     appointment: Appointment | None,
     now: dt.datetime,
 ) -> Handled:
-    events.record(
+    events.record_at_commit(
         session,
         clinic.id,
         "reply.needs_attention",

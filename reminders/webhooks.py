@@ -1,6 +1,11 @@
 """Vonage's webhooks: inbound SMS and delivery receipts (SMS API formats, GET or POST, form or
 JSON). Signed requests are checked with the SDK's `Auth.check_signature` plus a freshness check;
 anything valid or merely unknown gets 200 at once, so Vonage stops retrying (it retries for 24 h).
+
+An inbound SMS is stored and applied in one transaction before its 200 (a few milliseconds): the
+200 then means "applied", and nothing can be stored but left unapplied. Answering first and
+applying in a background task was not chosen: it needs a sweep for rows stored but never applied,
+and when the API is short of CPU the backlog grows unseen instead of slowing the answers.
 """
 
 from __future__ import annotations

@@ -493,3 +493,13 @@ def test_every_language_has_every_text() -> None:
         assert set(texts) == keys, lang
         for kind in ("not_found", "expired", "too_many", "bad_request"):
             assert texts[kind].count("|") == 1
+
+
+def test_a_link_page_costs_one_statement(client: TestClient, cast: Cast) -> None:
+    """The busiest read: one indexed SELECT (on an autocommit connection: no BEGIN, no COMMIT)."""
+    token = book(client, cast, "A1", FRENCH)
+    with statements() as seen:
+        assert client.get(f"/c/{token}").status_code == 200
+        assert client.get("/c/AAAAAAAAAAAA").status_code == 404
+        assert client.get("/c/short").status_code == 404  # malformed: no query at all
+    assert seen == ["SELECT", "SELECT"]

@@ -181,3 +181,27 @@ def test_mllp_refuses_an_unknown_clinic(database: str) -> None:
     )
     assert result.returncode == 2
     assert b"no clinic with id 99" in result.stderr
+
+
+def test_api_with_several_workers_serves_and_stops_cleanly_on_sigterm(
+    database: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [*REMINDERS, "api", "--port", str(port), "--workers", "2"],
+        cwd=tmp_path,
+        env=clean_env(REMINDERS_DATABASE_URL=database, REMINDERS_SECRET_KEY=TEST_SECRET),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/readyz", process, seconds=60)
+        for _ in range(10):
+            assert httpx.get(f"http://127.0.0.1:{port}/healthz").json() == {"status": "ok"}
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/appointments/A1").status_code == 401
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    assert b"Traceback" not in stderr
+    assert stderr.count(b"Started server process") == 2

@@ -13,10 +13,12 @@ import json
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pytest
+import sqlalchemy as sa
 import time_machine
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -24,7 +26,7 @@ from sqlalchemy import select
 from reminders import db, events
 from reminders.api import create_app
 from reminders.models import Appointment, Clinic, Event, InboundMessage, OptOut, Reminder
-from tests.conftest import TEST_SECRET, Cast, appointment_body
+from tests.conftest import TEST_SECRET, Cast, appointment_body, statements
 from tests.vonage_standin import sign
 
 SIGNATURE_SECRET = "vonage-signature-secret"
@@ -603,3 +605,119 @@ def test_the_feed_never_skips_an_event_that_commits_late(cast: Cast) -> None:
     slow.join(10)
     quick.join(10)
     assert seen() == [1, 2]
+
+
+def test_events_written_at_commit_never_hold_up_other_writers_before_it(cast: Cast) -> None:
+    """`record_at_commit` takes the clinic's lock only at COMMIT: a writer still busy does not
+    block another, whose event then gets the lower id; a poller that read in between never
+    skips the late one, and a rolled-back transaction writes none."""
+    started, release = threading.Event(), threading.Event()
+    now = dt.datetime.now(dt.UTC)
+
+    def slow_writer() -> None:
+        with db.session_scope() as session:
+            events.record_at_commit(session, cast.clinic_id, "message.failed", now, data={"n": 1})
+            started.set()
+            release.wait(10)  # still busy with its request
+
+    def rolled_back() -> None:
+        with db.session_scope() as session:
+            events.record_at_commit(session, cast.clinic_id, "message.failed", now, data={"n": 0})
+            raise RuntimeError("rolled back")
+
+    def page(after: int) -> tuple[list[int], int]:
+        with db.session_scope() as session:
+            rows, cursor = events.feed(session, cast.clinic_id, after, 100)
+            return [e.data["n"] for e in rows], cursor
+
+    slow = threading.Thread(target=slow_writer)
+    slow.start()
+    assert started.wait(10)
+    with pytest.raises(RuntimeError):
+        rolled_back()
+    with db.session_scope() as session:  # not held up by the busy writer
+        events.record_at_commit(session, cast.clinic_id, "message.failed", now, data={"n": 2})
+    first, cursor = page(0)
+    assert first == [2]
+    release.set()
+    slow.join(10)
+    assert page(cursor)[0] == [1]  # committed later, with a later id: not skipped
+    assert page(0)[0] == [2, 1]
+
+
+def test_events_written_at_commit_wait_for_a_writer_holding_the_lock(cast: Cast) -> None:
+    """The commit-time write takes the same per-clinic lock as `record`, before its id is drawn,
+    so ids still commit in order (on SQLite the database's single writer does the same): here
+    the holder draws its id after the waiting writer asked for the lock, and commits first."""
+    started, release = threading.Event(), threading.Event()
+    now = dt.datetime.now(dt.UTC)
+
+    def holder() -> None:
+        with db.session_scope() as session:
+            events._lock(session, [cast.clinic_id])
+            clinic = session.get(Clinic, cast.clinic_id)
+            assert clinic is not None
+            clinic.name = "Clinique Paris (renamed)"  # SQLite: takes the write lock
+            session.flush()
+            started.set()
+            release.wait(10)
+            events.record(session, cast.clinic_id, "message.failed", now, data={"n": 1})
+
+    def late() -> None:
+        with db.session_scope() as session:
+            events.record_at_commit(session, cast.clinic_id, "message.failed", now, data={"n": 2})
+
+    first = threading.Thread(target=holder)
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=late)
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # waiting at its COMMIT for the lock
+    release.set()
+    first.join(10)
+    second.join(10)
+    with db.session_scope() as session:
+        rows, _ = events.feed(session, cast.clinic_id, 0, 100)
+        assert [e.data["n"] for e in rows] == [1, 2]
+
+
+@contextmanager
+def sql_seen() -> Iterator[list[str]]:
+    """Every SQL statement the application runs meanwhile, on one line each."""
+    seen: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(" ".join(statement.split()))
+
+    engine = db.get_engine()
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)
+
+
+@pytest.mark.parametrize(
+    ("text", "result", "most"),
+    [
+        ("1", "confirm:applied", 6),
+        ("2", "cancel:applied", 7),
+        ("STOP", "opt_out:applied", 7),
+        ("hello?", "needs_attention", 6),
+    ],
+)
+def test_a_reply_costs_few_statements_and_locks_only_for_its_event_insert(
+    vonage: Vonage, text: str, result: str, most: int
+) -> None:
+    """Each statement is a round trip and API CPU (there were 14 to 16 per reply). The clinic's
+    event lock is taken last, by the event INSERT itself, just before the COMMIT, so other
+    replies of the clinic wait for nothing else."""
+    remind(vonage)
+    postgres = db.get_engine().dialect.name == "postgresql"
+    with statements() as kinds, sql_seen() as seen:
+        assert vonage.inbound(text).json()["result"] == result
+    assert len(kinds) <= most, seen
+    assert seen[-1].startswith("WITH event_lock AS" if postgres else "INSERT INTO events"), seen
+    locks = [i for i, s in enumerate(seen) if "pg_advisory_xact_lock" in s]
+    assert locks == ([len(seen) - 1] if postgres else [])
