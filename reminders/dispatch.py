@@ -251,7 +251,7 @@ class _Loaded:
     reminders: list[tuple[Reminder, Clinic]]
     templates: dict[tuple[int, str, str], str]
     opted_out: set[tuple[str, str]]
-    # (appointment id, start) -> due times of the sends still due or in flight
+    # (appointment id, start) -> due times of the sends still due, in flight or gone out
     pending_due: dict[tuple[int | None, dt.datetime | None], list[dt.datetime]]
     stopped: bool
 
@@ -303,7 +303,8 @@ def _load(session: Session, ids: list[int], now: dt.datetime) -> _Loaded:
             select(Reminder.appointment_id, Reminder.appointment_starts_at, Reminder.due_at).where(
                 Reminder.appointment_id.in_(appointment_ids),
                 Reminder.due_at <= now,
-                Reminder.status.in_(("planned", "queued", "sending")),
+                # due or on its way: a worker thread on another batch may be ahead of us
+                Reminder.status.in_(("planned", "queued", *WENT_OUT)),
             )
         )
         for appointment_id, starts_at, due_at in siblings:

@@ -269,6 +269,18 @@ def test_when_two_rules_are_due_at_once_only_the_latest_goes(sending: Sending) -
     assert len(sending.printed()) == 1
 
 
+def test_an_earlier_rule_reaching_a_worker_after_the_later_one_went_out_is_superseded(
+    sending: Sending,
+) -> None:
+    book(sending.cast)
+    with db.session_scope() as session:
+        early, late = dispatch.claim_due(session, DUE_24H)  # two messages, two worker threads
+    provider, settings = ConsoleProvider(stream=sending.out), get_settings()
+    assert dispatch.send_batch([late], Clock(DUE_24H), provider, settings) == {late: "sent"}
+    assert dispatch.send_batch([early], Clock(DUE_24H), provider, settings) == {early: "superseded"}
+    assert len(sending.printed()) == 1
+
+
 def test_concurrent_claims_never_share_a_reminder(cast: Cast) -> None:
     for i in range(60):
         book(cast, f"A{i}", patient_id=f"P{i}")
