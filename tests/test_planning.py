@@ -5,9 +5,10 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import pytest
 from sqlalchemy import delete, select
 
-from reminders import db
+from reminders import db, planning
 from reminders.models import Appointment, Clinic, Patient, Reminder
 from reminders.planning import Intake
 from reminders.schemas import AppointmentIn, BatchItem
@@ -154,9 +155,13 @@ def _rows() -> list[tuple[Any, ...]]:
         return rows
 
 
-def test_a_big_batch_stores_what_single_pushes_store(cast: Cast) -> None:
-    """More than 20 new rows are written in bulk (COPY on PostgreSQL): the same rows as pushed
-    one by one, server defaults included."""
+@pytest.mark.parametrize("count", [12, 60])
+def test_a_batch_stores_what_single_pushes_store(
+    cast: Cast, count: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New rows are written in bulk (on PostgreSQL: a few in one pipelined round trip, more than
+    20 by COPY): the same rows as pushed one by one through plain INSERTs, server defaults
+    included."""
     with db.session_scope() as session:
         clinic = session.get(Clinic, cast.clinic_id)
         assert clinic is not None
@@ -180,7 +185,7 @@ def test_a_big_batch_stores_what_single_pushes_store(cast: Cast) -> None:
             f"A{i:02d}",
             body(patient={"external_id": f"P{i % 9}", **patients[i % 4]}, **variants[i % 6]),
         )
-        for i in range(60)
+        for i in range(count)
     ]
     with db.session_scope() as session:
         clinic = session.get(Clinic, cast.clinic_id)
@@ -190,12 +195,14 @@ def test_a_big_batch_stores_what_single_pushes_store(cast: Cast) -> None:
             for external_id, data in items
         ]
         results = Intake(session, clinic, NOW, TEST_SECRET.encode()).batch(batch)
-        assert [getattr(r, "result", r) for r in results] == ["created"] * 60
+        assert [getattr(r, "result", r) for r in results] == ["created"] * count
     in_bulk = _rows()
-    assert sum(len(row[-1]) for row in in_bulk) > 20
+    assert sum(len(row[-1]) for row in in_bulk) > count / 3  # reminders
     with db.session_scope() as session:
         for model in (Reminder, Appointment, Patient):
             session.execute(delete(model))
+    monkeypatch.setattr(planning, "_SMALL_BATCH", 0)  # no pipelined round trip...
+    monkeypatch.setattr(planning, "_COPY_FROM", 10**9)  # ...and no COPY: INSERT ... RETURNING
     for external_id, data in items:
         push(cast, external_id, data)
     assert _rows() == in_bulk
