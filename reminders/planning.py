@@ -8,7 +8,7 @@ import hashlib
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -387,7 +387,7 @@ class Intake:
             holdout = in_holdout(self.secret, self.clinic.id, patient_key, self.clinic.holdout)
         if holdout:
             return holdout, []
-        return holdout, schedule.plan(starts_at, self.now, self.timing, moved=moved)
+        return holdout, list(_planned(starts_at, self.now, self.timing, moved))
 
     def finish(self) -> None:
         """Writes the buffered new patients, appointments and reminders, in bulk.
@@ -607,6 +607,14 @@ def _utc(value: dt.datetime | None) -> dt.datetime | None:
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+@lru_cache(maxsize=8192)
+def _planned(
+    starts_at: dt.datetime, now: dt.datetime, timing: schedule.Timing, moved: bool
+) -> tuple[schedule.Planned, ...]:
+    """schedule.plan, remembered: an import (one `now`) books the same slots many times."""
+    return tuple(schedule.plan(starts_at, now, timing, moved=moved))
 
 
 def clinic_timing(clinic: Clinic) -> schedule.Timing:
