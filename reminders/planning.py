@@ -619,14 +619,28 @@ def _planned(
 
 def clinic_timing(clinic: Clinic) -> schedule.Timing:
     """A clinic's rules, time zone, quiet hours and deadline, as the planner needs them."""
+    return _timing(
+        clinic.rules, clinic.timezone, clinic.quiet_start, clinic.quiet_end, clinic.deadline_minutes
+    )
+
+
+@lru_cache(maxsize=256)
+def _timing(
+    rules: str,
+    timezone: str,
+    quiet_start: dt.time | None,
+    quiet_end: dt.time | None,
+    deadline_minutes: int,
+) -> schedule.Timing:
+    """One Timing per set of settings: its hash is computed once (see _planned)."""
     quiet = None
-    if clinic.quiet_start is not None and clinic.quiet_end is not None:
-        quiet = (clinic.quiet_start, clinic.quiet_end)
+    if quiet_start is not None and quiet_end is not None:
+        quiet = (quiet_start, quiet_end)
     return schedule.Timing(
-        rules=schedule.parse_rules(clinic.rules),
-        zone=ZoneInfo(clinic.timezone),
+        rules=schedule.parse_rules(rules),
+        zone=ZoneInfo(timezone),
         quiet=quiet,
-        deadline=dt.timedelta(minutes=clinic.deadline_minutes),
+        deadline=dt.timedelta(minutes=deadline_minutes),
     )
 
 
