@@ -16,7 +16,10 @@ import psycopg
 from psycopg import sql
 from sqlalchemy import (
     ARRAY,
+    Boolean,
     ColumnElement,
+    DateTime,
+    Float,
     Integer,
     String,
     Table,
@@ -31,6 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql import Executable
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from reminders import schedule
 from reminders.db import Base
@@ -659,17 +663,36 @@ def _copy(session: Session, table: Table, rows: list[dict[str, object]], now: dt
     """
     _check_aware(now)
     columns = list(rows[0])
-    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+    statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
         sql.Identifier(table.name), sql.SQL(", ").join(map(sql.Identifier, columns))
     )
     driver = _driver(session)
     try:
         with driver.cursor() as cursor, cursor.copy(statement) as copy:
+            copy.set_types([_binary_type(table.c[name].type) for name in columns])
             for row in rows:
                 copy.write_row([row[name] for name in columns])
     except psycopg.Error as exc:
         # As SQLAlchemy raises them (IntegrityError...): callers retry or report on those.
         raise DBAPIError.instance(statement.as_string(driver), None, exc, psycopg.Error) from exc
+
+
+def _binary_type(column_type: TypeEngine[Any]) -> str:
+    """The PostgreSQL type psycopg writes a column's values as, in a binary COPY (10 times
+    less Python than the text format, which formats each datetime)."""
+    if isinstance(column_type, TypeDecorator):
+        column_type = column_type.impl_instance
+    if isinstance(column_type, Boolean):
+        return "bool"
+    if isinstance(column_type, Integer):
+        return "int4"
+    if isinstance(column_type, Float):
+        return "float8"
+    if isinstance(column_type, DateTime):
+        return "timestamptz" if column_type.timezone else "timestamp"
+    if isinstance(column_type, String):
+        return "text"  # varchar's binary form is the same; its length is still checked
+    raise TypeError(f"no binary COPY type for {column_type!r}")
 
 
 def _check_aware(now: dt.datetime) -> None:
