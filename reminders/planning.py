@@ -416,10 +416,10 @@ class Intake:
             for row in rows:
                 row["patient_id"] = patient_ids[str(row.pop("_patient"))]
             appointment_ids = self._insert(Appointment, rows, "external_id")
-            reminders = [
-                {**row, "appointment_id": appointment_ids[external_id]}
-                for external_id, row in self._new_reminders
-            ]
+            reminders = []
+            for external_id, row in self._new_reminders:  # buffered here: completed in place
+                row["appointment_id"] = appointment_ids[external_id]
+                reminders.append(row)
             if len(reminders) > _COPY_FROM and self._postgres():
                 _copy(self.session, _table(Reminder), reminders, self.now)
             elif reminders:
@@ -456,10 +456,10 @@ class Intake:
             row["patient_id"] = known if known is not None else _Lookup("patients", clinic_id, key)
         statements.append(_insert_sql("appointments", rows))
         if self._new_reminders:
-            reminders = [
-                {**row, "appointment_id": _Lookup("appointments", clinic_id, external_id)}
-                for external_id, row in self._new_reminders
-            ]
+            reminders = []
+            for external_id, row in self._new_reminders:
+                row["appointment_id"] = _Lookup("appointments", clinic_id, external_id)
+                reminders.append(row)
             statements.append(_insert_sql("reminders", reminders))
         _check_aware(self.now)
         driver = _driver(self.session)
