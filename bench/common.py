@@ -100,3 +100,27 @@ def machine_busy_seconds() -> float:
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = values[3] + (values[4] if len(values) > 4 else 0)
     return (sum(values[:8]) - idle) / CLK_TCK
+
+
+def postgres_cpu_seconds(database: str) -> float:
+    """CPU seconds (user + system) of the PostgreSQL backends serving `database` (when the
+    server runs on this machine; 0.0 otherwise)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            if not cmdline.startswith(b"postgres: ") or f" {database} ".encode() not in cmdline:
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of a process of this machine."""
+    fields = stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK

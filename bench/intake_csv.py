@@ -42,7 +42,7 @@ from reminders.clinics import ClinicOptions, create_clinic
 from reminders.csv_import import COLUMNS, import_csv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import recreate_database
+from common import postgres_cpu_seconds, recreate_database
 
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/"
 DATABASE = "reminders_bench_csv"
@@ -96,25 +96,6 @@ def _status_mib(key: str) -> float:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def postgres_cpu_seconds(database: str) -> float:
-    """CPU seconds (user + system) of the PostgreSQL backends serving `database` (when the
-    server runs on this machine; 0.0 otherwise)."""
-    total = 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            if not cmdline.startswith(b"postgres: ") or f" {database} ".encode() not in cmdline:
-                continue
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
 
 
 def run(rows: int) -> dict[str, float]:

@@ -6,9 +6,9 @@ Creates a fresh PostgreSQL database (`reminders_bench_fhir`, dropped first if it
 `reminders migrate`, adds a clinic (`reminders clinic add ... --json`), starts `reminders api` on
 a free port and PUTs `--count` realistic R4 Appointments (each with a contained Patient, an
 Epic-style body of ~1.2 KB) `--concurrency` requests at a time, twice: the first pass must answer
-`created` for each, the re-run of the same bodies `unchanged`. Prints appointments/s and the
-p50/p99 latency of each pass. Exit code 0 when every answer was the expected one, 1 otherwise,
-2 when the setup failed.
+`created` for each, the re-run of the same bodies `unchanged`. Prints appointments/s, the
+p50/p99 latency and the CPU per appointment of the API server and PostgreSQL of each pass. Exit
+code 0 when every answer was the expected one, 1 otherwise, 2 when the setup failed.
 
 Environment: `REMINDERS_BENCH_DATABASE_URL` (default
 `postgresql+psycopg://postgres@127.0.0.1:5432/reminders_bench_fhir`); the database named there is
@@ -36,9 +36,18 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
+from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SetupError, free_port, recreate_database, reminders_cli, reminders_env
+from common import (
+    SetupError,
+    free_port,
+    postgres_cpu_seconds,
+    process_cpu_seconds,
+    recreate_database,
+    reminders_cli,
+    reminders_env,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/reminders_bench_fhir"
@@ -248,8 +257,20 @@ def run(count: int, concurrency: int = 4, seed: int = 6) -> dict[str, float]:
             log.seek(0)
             print(log.read()[-3000:], file=sys.stderr)
             raise
-        first = asyncio.run(run_pass(base_url, clinic["api_key"], bodies, concurrency, "created"))
-        rerun = asyncio.run(run_pass(base_url, clinic["api_key"], bodies, concurrency, "unchanged"))
+        database = make_url(database_url).database or ""
+        cpu: dict[str, tuple[float, float]] = {}
+        passes: dict[str, dict[str, Any]] = {}
+        for expected in ("created", "unchanged"):
+            api_before = process_cpu_seconds(server.pid)
+            pg_before = postgres_cpu_seconds(database)
+            passes[expected] = asyncio.run(
+                run_pass(base_url, clinic["api_key"], bodies, concurrency, expected)
+            )
+            cpu[expected] = (
+                process_cpu_seconds(server.pid) - api_before,
+                postgres_cpu_seconds(database) - pg_before,
+            )
+        first, rerun = passes["created"], passes["unchanged"]
     return {
         "count": float(count),
         "concurrency": float(concurrency),
@@ -262,6 +283,11 @@ def run(count: int, concurrency: int = 4, seed: int = 6) -> dict[str, float]:
         "unchanged_p50_ms": rerun["p50_ms"],
         "unchanged_p99_ms": rerun["p99_ms"],
         "unchanged_errors": float(rerun["errors"]),
+        "created_api_cpu_ms": 1000 * cpu["created"][0] / count,
+        "created_postgres_cpu_ms": 1000 * cpu["created"][1] / count,
+        "unchanged_api_cpu_ms": 1000 * cpu["unchanged"][0] / count,
+        "unchanged_postgres_cpu_ms": 1000 * cpu["unchanged"][1] / count,
+        "load_average_1m": os.getloadavg()[0],
     }
 
 
@@ -289,8 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"  {name:9}: {figures[f'{name}_per_s']:7.1f} appointments/s, "
                 f"p50 {figures[f'{name}_p50_ms']:6.1f} ms, "
                 f"p99 {figures[f'{name}_p99_ms']:6.1f} ms, "
-                f"{figures[f'{name}_errors']:.0f} unexpected"
+                f"{figures[f'{name}_errors']:.0f} unexpected; CPU per appointment: API "
+                f"{figures[f'{name}_api_cpu_ms']:.2f} ms, "
+                f"PostgreSQL {figures[f'{name}_postgres_cpu_ms']:.2f} ms"
             )
+        print(f"  (machine load average {figures['load_average_1m']:.1f})")
     return 1 if figures["created_errors"] or figures["unchanged_errors"] else 0
 
 

@@ -7,8 +7,9 @@ migrates it, adds a clinic (Europe/Paris), starts `reminders.siu.run` in a subpr
 port and sends `--count` SIU messages on one connection, each waiting for its ACK: S12 for new
 appointments (distinct patients, French mobiles, times in the coming weeks), with one in ten an
 S14 (new room) for an appointment sent earlier. It prints messages/s and the p50/p99 ACK latency
-(target: >= 300 messages/s). Exit code 0 when every ACK was AA, 1 otherwise, 2 when the setup
-failed.
+(target: >= 300 messages/s), and the CPU per message of the server and of the PostgreSQL backends
+(the machine's other work slows the wall-clock figures, less these). Exit code 0 when every ACK
+was AA, 1 otherwise, 2 when the setup failed.
 
 Environment: `REMINDERS_BENCH_DATABASE_URL` (default
 `postgresql+psycopg://postgres@127.0.0.1:5432/reminders_bench_mllp`); the database named there is
@@ -31,6 +32,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +42,13 @@ from reminders.clinics import ClinicOptions, create_clinic  # noqa: E402
 from reminders.db import make_engine, migrate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SetupError, free_port, recreate_database  # noqa: E402
+from common import (  # noqa: E402
+    SetupError,
+    free_port,
+    postgres_cpu_seconds,
+    process_cpu_seconds,
+    recreate_database,
+)
 
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/reminders_bench_mllp"
 SECRET_KEY = "bench-secret-key-not-for-production-0123456789"
@@ -163,8 +171,11 @@ def run(count: int) -> dict[str, float]:
             latencies: list[float] = []
             not_aa = 0
             pending = bytearray()
+            database = make_url(url).database or ""
             with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                server_cpu = process_cpu_seconds(process.pid)
+                pg_cpu = postgres_cpu_seconds(database)
                 began = time.perf_counter()
                 for payload in payloads:
                     sent = time.perf_counter()
@@ -176,6 +187,8 @@ def run(count: int) -> dict[str, float]:
                         if not_aa <= 5:
                             print(ack.decode(errors="replace").strip(), file=sys.stderr)
                 elapsed = time.perf_counter() - began
+                server_cpu = process_cpu_seconds(process.pid) - server_cpu
+                pg_cpu = postgres_cpu_seconds(database) - pg_cpu
         except Exception:
             log.seek(0)
             print(log.read()[-4000:], file=sys.stderr)
@@ -195,6 +208,9 @@ def run(count: int) -> dict[str, float]:
         "p50_ms": quantiles[49] * 1000,
         "p99_ms": quantiles[98] * 1000,
         "not_aa": float(not_aa),
+        "server_cpu_ms_per_message": 1000 * server_cpu / count,
+        "postgres_cpu_ms_per_message": 1000 * pg_cpu / count,
+        "load_average_1m": os.getloadavg()[0],
         "target_messages_per_s": TARGET,
     }
 
@@ -217,7 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"MLLP SIU intake: {result['count']:.0f} messages in {result['seconds']:.1f} s = "
             f"{result['messages_per_s']:.0f} messages/s (target >= {TARGET:.0f}: {verdict}); "
             f"ACK latency p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms; "
-            f"not AA: {result['not_aa']:.0f}"
+            f"not AA: {result['not_aa']:.0f}\n"
+            f"CPU per message: MLLP server {result['server_cpu_ms_per_message']:.2f} ms, "
+            f"PostgreSQL {result['postgres_cpu_ms_per_message']:.2f} ms "
+            f"(machine load average {result['load_average_1m']:.1f} on 2 cores)"
         )
     return 0 if result["not_aa"] == 0 else 1
 

@@ -165,6 +165,14 @@ class Timing:
     quiet: QuietHours
     deadline: dt.timedelta
 
+    def __hash__(self) -> int:
+        """Hashed once (planning caches plans by timing, a hash per appointment)."""
+        cached: int | None = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.rules, self.zone, self.quiet, self.deadline))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
 
 def place(
     nominal: dt.datetime, now: dt.datetime, send_by: dt.datetime, timing: Timing

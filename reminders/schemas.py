@@ -8,6 +8,7 @@ required or has a stated default.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
@@ -23,6 +24,9 @@ Result = Literal["created", "updated", "unchanged", "stale", "cancelled", "error
 MAX_BATCH = 1000
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def check_external_id(value: str) -> str:
     """Raises ValueError unless `value` is 1-200 characters of valid UTF-8 without controls."""
     if not value:
@@ -35,7 +39,7 @@ def check_external_id(value: str) -> str:
         raise ValueError("not valid UTF-8") from None
     if "\ufffd" in value:
         raise ValueError("not valid UTF-8 (contains a replacement character)")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if _CONTROL.search(value):
         raise ValueError("must not contain control characters")
     return value
 

@@ -537,6 +537,10 @@ def _clinic(session: Session, clinic_id: int) -> Clinic:
     if cached is not None and time.monotonic() - cached[1] < CLINIC_TTL:
         return cached[0]
     clinic = get_clinic(session, clinic_id)
+    # Detached at once, as it is when the cache answers: a rollback of this message's
+    # transaction would otherwise expire it, and every message would then fail on it until
+    # CLINIC_TTL passed.
+    session.expunge(clinic)
     _clinics[key] = (clinic, time.monotonic())
     return clinic
 

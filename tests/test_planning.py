@@ -5,12 +5,13 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import delete, select
 
-from reminders import db
-from reminders.models import Appointment, Clinic
+from reminders import db, planning
+from reminders.models import Appointment, Clinic, Patient, Reminder
 from reminders.planning import Intake
-from reminders.schemas import AppointmentIn
+from reminders.schemas import AppointmentIn, BatchItem
 from tests.conftest import TEST_SECRET, Cast
 
 NOW = dt.datetime(2026, 11, 2, 9, 0, tzinfo=dt.UTC)
@@ -124,3 +125,84 @@ def test_holdout_patients_get_no_rows_and_keep_their_arm(cast: Cast) -> None:
     # ...and an appointment already assigned never changes arm.
     push(cast, "A0", body(location="Elsewhere"))
     assert stored("A0").holdout == arms[0]
+
+
+def _rows() -> list[tuple[Any, ...]]:
+    """Every stored column of the appointments, their patients and reminders but the row ids."""
+    with db.session_scope() as session:
+        found = session.scalars(select(Appointment).order_by(Appointment.external_id)).all()
+        rows = []
+        for a in found:
+            p = a.patient
+            assert a.created_at is not None
+            assert p.created_at is not None
+            rows.append(
+                (
+                    (a.clinic_id, a.external_id, a.starts_at, a.duration_minutes, a.practitioner),
+                    (a.location, a.kind, a.status, a.confirmation, a.outcome, a.source_updated_at),
+                    (a.booked_at, a.decided_at, a.holdout, a.link_token, a.content_hash),
+                    (p.clinic_id, p.external_id, p.name, p.phone_e164, p.sms_capable),
+                    (p.language_requested, p.language, p.language_fallback),
+                    sorted(
+                        (
+                            *(r.clinic_id, r.rule, r.kind, r.phone_e164, r.appointment_starts_at),
+                            *(r.due_at, r.send_by, r.status, r.skip_reason, r.attempts),
+                        )
+                        for r in a.reminders
+                    ),
+                )
+            )
+        return rows
+
+
+@pytest.mark.parametrize("count", [12, 60])
+def test_a_batch_stores_what_single_pushes_store(
+    cast: Cast, count: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New rows are written in bulk (on PostgreSQL: a few in one pipelined round trip, more than
+    20 by COPY): the same rows as pushed one by one through plain INSERTs, server defaults
+    included."""
+    with db.session_scope() as session:
+        clinic = session.get(Clinic, cast.clinic_id)
+        assert clinic is not None
+        clinic.holdout = 0.3
+    variants: list[dict[str, Any]] = [
+        {},
+        {"status": "cancelled"},
+        {"starts_at": "2026-10-01T09:30:00+02:00", "outcome": "attended"},
+        {"starts_at": "2026-11-02T23:30:00+01:00"},  # a late booking inside the windows
+        {"practitioner": 'Dr "Jo" Roux', "location": "Cabinet\t2\\3", "kind": "suivi"},
+        {"source_updated_at": "2026-11-01T08:00:00Z"},
+    ]
+    patients: list[dict[str, Any]] = [
+        {"phone": "06 12 34 56 78", "language": "fr", "name": "Zoé Noël"},
+        {"phone": "01 42 68 53 00"},  # a landline
+        {"language": "de"},  # no phone; a language without texts
+        {"phone": "+44 7911 123456", "language": "en-GB"},
+    ]
+    items = [
+        (
+            f"A{i:02d}",
+            body(patient={"external_id": f"P{i % 9}", **patients[i % 4]}, **variants[i % 6]),
+        )
+        for i in range(count)
+    ]
+    with db.session_scope() as session:
+        clinic = session.get(Clinic, cast.clinic_id)
+        assert clinic is not None
+        batch = [
+            BatchItem.model_validate({**data.model_dump(), "external_id": external_id})
+            for external_id, data in items
+        ]
+        results = Intake(session, clinic, NOW, TEST_SECRET.encode()).batch(batch)
+        assert [getattr(r, "result", r) for r in results] == ["created"] * count
+    in_bulk = _rows()
+    assert sum(len(row[-1]) for row in in_bulk) > count / 3  # reminders
+    with db.session_scope() as session:
+        for model in (Reminder, Appointment, Patient):
+            session.execute(delete(model))
+    monkeypatch.setattr(planning, "_SMALL_BATCH", 0)  # no pipelined round trip...
+    monkeypatch.setattr(planning, "_COPY_FROM", 10**9)  # ...and no COPY: INSERT ... RETURNING
+    for external_id, data in items:
+        push(cast, external_id, data)
+    assert _rows() == in_bulk

@@ -15,7 +15,7 @@ import hl7
 import pytest
 from sqlalchemy import select
 
-from reminders import db
+from reminders import db, siu
 from reminders.models import Appointment
 from reminders.siu import EB, SB, Frame, FrameReader, TooLarge, apply_message, frame, serve
 from tests.conftest import TEST_SECRET, Cast
@@ -349,3 +349,11 @@ def test_mllp_truncated_frame(server: int) -> None:
         sock.sendall(frame(message("s12_v23")))
         assert ack_of(_read_ack(sock))[:2] == ("AA", "MB-4711")
     assert count() == 1
+
+
+def test_a_message_refused_by_intake_does_not_break_the_next_ones(cast: Cast) -> None:
+    """The clinic read in the transaction of a refused message stays usable (it is cached)."""
+    siu._clinics.clear()  # read in the next message's transaction
+    bad_phone = _edit("^33^6^12345678^^^^^+33612345678", "^^^^^^^^123")
+    assert apply(cast, bad_phone)[0] == "AE"
+    assert apply(cast, "s12_v251_tq1")[0] == "AA"
