@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 
 from apscheduler.schedulers.base import BaseScheduler
 
@@ -68,26 +69,21 @@ def _tick_job() -> None:
         log.info("queued %d SMS", len(queued))
 
 
+def _every(scheduler: BaseScheduler, job: Callable[[], None], seconds: int, name: str) -> None:
+    scheduler.add_job(
+        job,
+        "interval",
+        seconds=seconds,
+        id=name,
+        next_run_time=dt.datetime.now(dt.UTC),
+        coalesce=True,
+        misfire_grace_time=seconds * 5,
+        max_instances=1,
+    )
+
+
 def add_jobs(scheduler: BaseScheduler) -> BaseScheduler:
     """The jobs every scheduler process runs; any number of processes may run them at once."""
-    scheduler.add_job(
-        _tick_job,
-        "interval",
-        seconds=TICK_SECONDS,
-        id="tick",
-        next_run_time=dt.datetime.now(dt.UTC),
-        coalesce=True,
-        misfire_grace_time=TICK_SECONDS * 5,
-        max_instances=1,
-    )
-    scheduler.add_job(
-        _reports_job,
-        "interval",
-        seconds=REPORT_CHECK_SECONDS,
-        id="weekly-reports",
-        next_run_time=dt.datetime.now(dt.UTC),
-        coalesce=True,
-        misfire_grace_time=REPORT_CHECK_SECONDS * 5,
-        max_instances=1,
-    )
+    _every(scheduler, _tick_job, TICK_SECONDS, "tick")
+    _every(scheduler, _reports_job, REPORT_CHECK_SECONDS, "weekly-reports")
     return scheduler
