@@ -468,7 +468,7 @@ class Intake:
                 for statement, params in statements:
                     cursor.execute(statement, params)
         except psycopg.Error as exc:
-            shown = "; ".join(statement.as_string(driver) for statement, _ in statements)
+            shown = "; ".join(statement for statement, _ in statements)
             raise DBAPIError.instance(shown, None, exc, psycopg.Error) from exc
 
     def _insert(
@@ -716,29 +716,46 @@ class _Lookup:
     external_id: str
 
 
-def _insert_sql(table: str, rows: list[dict[str, object]]) -> tuple[sql.Composed, list[object]]:
+def _insert_sql(table: str, rows: list[dict[str, object]]) -> tuple[str, list[object]]:
     """One INSERT of rows (dicts with the same keys) and its parameters; a `_Lookup` value
     becomes a sub-select on the table's unique (clinic_id, external_id)."""
-    columns = list(rows[0])
+    columns = tuple(rows[0])
     params: list[object] = []
-    values = []
+    shape: list[tuple[str | None, ...]] = []
     for row in rows:
-        cells: list[sql.Composable] = []
+        cells: list[str | None] = []
         for name in columns:
             value = row[name]
             if isinstance(value, _Lookup):
-                cells.append(_LOOKUP.format(sql.Identifier(value.table)))
+                cells.append(value.table)
                 params += (value.clinic_id, value.external_id)
             else:
-                cells.append(sql.Placeholder())
+                cells.append(None)
                 params.append(value)
-        values.append(sql.SQL("({})").format(sql.SQL(", ").join(cells)))
+        shape.append(tuple(cells))
+    return _insert_text(table, columns, tuple(shape)), params
+
+
+@lru_cache(maxsize=512)
+def _insert_text(
+    table: str, columns: tuple[str, ...], shape: tuple[tuple[str | None, ...], ...]
+) -> str:
+    """The INSERT statement of a shape of rows (which cells look up a parent), built once."""
+    values = [
+        sql.SQL("({})").format(
+            sql.SQL(", ").join(
+                sql.Placeholder() if parent is None else _LOOKUP.format(sql.Identifier(parent))
+                for parent in row
+            )
+        )
+        for row in shape
+    ]
     statement = sql.SQL("INSERT INTO {} ({}) VALUES {}").format(
         sql.Identifier(table),
         sql.SQL(", ").join(map(sql.Identifier, columns)),
         sql.SQL(", ").join(values),
     )
-    return statement, params
+    return statement.as_string()
 
 
 _LOOKUP = sql.SQL("(SELECT id FROM {} WHERE clinic_id = %s AND external_id = %s)")
