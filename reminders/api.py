@@ -349,7 +349,7 @@ class EventsOut(BaseModel):
 def list_events(
     clinic_id: ClinicId,
     after: Annotated[
-        int, Query(ge=0, le=2**63 - 1, description="the last event id already read")
+        int, Query(ge=0, le=2**31 - 1, description="the last event id already read")
     ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventsOut:

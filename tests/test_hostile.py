@@ -7,6 +7,7 @@ appointment and clinic names with newlines and URLs)."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,7 +24,8 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from sqlalchemy import select
+from sqlalchemy import select, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from reminders import db, dispatch
 from reminders.api import create_app
@@ -90,6 +92,16 @@ def test_no_generated_request_gets_a_5xx_or_an_answer_outside_the_schema(
         except Unsatisfiable:
             # Nothing the schema constrains to break (GET /healthz; FHIR reads its body itself).
             assert mode is GenerationMode.NEGATIVE, operation.label
+
+
+def test_an_events_cursor_beyond_any_id_is_a_422_not_a_database_error(
+    client: TestClient, cast: Cast
+) -> None:
+    """Found by the run above: `after=2147483648` overflowed PostgreSQL's integer (a 500)."""
+    response = client.get("/v1/events?after=2147483648", headers=cast.auth)
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["field"] == "after"
+    assert client.get("/v1/events?after=2147483647", headers=cast.auth).status_code == 200
 
 
 # -- webhooks, fuzzed ---------------------------------------------------------------------------
@@ -284,3 +296,59 @@ def rendered() -> str:
         assert clinic is not None
         now = dt.datetime.now(dt.UTC)
         return dispatch.render(session, reminder, appointment, clinic, get_settings(), now)
+
+
+# -- nothing identifying in the logs ------------------------------------------------------------
+
+
+def test_no_log_record_of_intake_replies_or_links_carries_a_number_or_a_name(
+    vonage_app: TestClient, cast: Cast, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every logger at DEBUG (ours, the SDK's, uvicorn's, SQLAlchemy's) while a booking comes in,
+    the patient answers by SMS and by link, and Vonage reports a delivery. (test_sms checks the
+    SDK's records while sending; the fault suite reads the logs of the real processes.)"""
+    caplog.set_level(logging.DEBUG)
+    body = appointment_body(
+        patient={"external_id": "P1", "name": "Zoé Quenouille", "phone": "06 12 34 56 78"}
+    )
+    response = vonage_app.put("/v1/appointments/A1", json=body, headers=cast.auth)
+    assert response.status_code == 201
+    with db.session_scope() as session:
+        reminder = session.scalars(select(Reminder).order_by(Reminder.id)).first()
+        assert reminder is not None
+        reminder.status, reminder.sent_at = "sent", dt.datetime.now(dt.UTC)
+        reminder_id = reminder.id
+        token = session.scalars(select(Appointment.link_token)).one()
+    now = str(int(dt.datetime.now(dt.UTC).timestamp()))
+    for path, params in [
+        ("/webhooks/vonage/inbound", {"msisdn": "33612345678", "to": "33939000000",
+                                      "text": "hello? Zoé", "messageId": "m1"}),
+        ("/webhooks/vonage/inbound", {"msisdn": "33612345678", "to": "33939000000",
+                                      "text": "1", "messageId": "m2"}),
+        ("/webhooks/vonage/status", {"msisdn": "33612345678", "to": "33939000000",
+                                     "status": "delivered", "client-ref": f"r{reminder_id}",
+                                     "messageId": "X1"}),
+        ("/webhooks/vonage/inbound", {"msisdn": "33699999999", "to": "33939000000",
+                                      "text": "STOP", "messageId": "m3"}),
+    ]:  # fmt: skip
+        params = {**params, "timestamp": now}
+        params["sig"] = sign(params, SIGNATURE_SECRET)
+        assert vonage_app.post(path, data=params).status_code == 200
+    assert vonage_app.get(f"/c/{token}").status_code == 200
+    assert vonage_app.post(f"/c/{token}", data={"action": "cancel"}).status_code == 200
+    assert caplog.records  # something was logged
+    for record in caplog.records:
+        message = record.getMessage()
+        for secret in ("612345678", "699999999", "Zoé", "Quenouille"):
+            assert secret not in message, (record.name, message)
+
+
+def test_a_database_error_never_carries_the_statements_values(database: str) -> None:
+    """Found by the fault suite: a worker whose database restarted logged the failed query's
+    parameters, a patient's number among them."""
+    with pytest.raises(SQLAlchemyError) as caught, db.session_scope() as session:
+        session.execute(
+            text("SELECT id FROM no_such_table WHERE phone = :phone"), {"phone": "+33612345678"}
+        )
+    assert "no_such_table" in str(caught.value)
+    assert "612345678" not in str(caught.value)

@@ -34,6 +34,7 @@ from typing import Any
 
 import redis
 from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from tests import vonage_standin as standin
@@ -430,7 +431,7 @@ FINAL_SQL = """
 def run(world: World, scenario: Scenario, count: int, limit_seconds: float) -> Outcome:
     """Runs one scenario on a fresh database and counts what became of the burst."""
     database = world.fresh_database(f"faults_{scenario.name.replace('-', '_')}")
-    engine = create_engine(database)
+    engine = create_engine(database, pool_pre_ping=True)  # it survives a PostgreSQL restart
     world.redis.flush()
     api_port = free_port()
     server = standin.VonageStandIn(
@@ -480,7 +481,11 @@ def settle(engine: Engine, limit_seconds: float) -> None:
     deadline = time.monotonic() + limit_seconds
     last, since = -1, time.monotonic()
     while time.monotonic() < deadline:
-        left, waiting = unfinished(engine)
+        try:
+            left, waiting = unfinished(engine)
+        except OperationalError:  # PostgreSQL restarting
+            time.sleep(0.5)
+            continue
         if left == 0:
             return
         if left != last:
