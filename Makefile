@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint fmt types check bench-ingest bench-scan bench-send bench-replies bench-formats bench-report validate-report clean
+.PHONY: setup run test lint fmt types check faults bench-ingest bench-scan bench-send bench-replies bench-formats bench-report bench-load validate-report clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ fmt: $(STAMP)  ## format and fix what ruff can
 
 check: lint types test  ## everything CI runs
 
+# The fault suite (tests/faults): its own PostgreSQL cluster and Redis, real processes, 2,000
+# reminders per scenario; CI runs the short form (500) from .ci/run.
+faults: $(STAMP)  ## nothing lost, late or sent twice while workers, Redis, PostgreSQL, Vonage fail
+	REMINDERS_FAULTS=full $(BIN)/pytest -m faults tests/faults -p no:cacheprovider $(PYTEST_ARGS)
+
 bench-ingest: $(STAMP)  ## appointments/s through the batch endpoint into PostgreSQL
 	$(BIN)/python bench/ingest.py
 
@@ -55,6 +60,9 @@ bench-report: $(STAMP)  ## the weekly report over 2M appointments in PostgreSQL:
 
 validate-report: $(STAMP)  ## 100 simulated clinics: the effect interval covers the truth
 	$(BIN)/python bench/validate_report.py --seeds 100
+
+bench-load: $(STAMP)  ## upserts, link pages and signed webhooks at a fixed rate: p50/p99, lost
+	$(BIN)/python bench/load.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

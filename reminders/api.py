@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 import redis
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
@@ -374,7 +375,9 @@ class EventsOut(BaseModel):
 @router.get("/events", response_model=EventsOut, tags=["events"])
 def list_events(
     clinic_id: ClinicId,
-    after: Annotated[int, Query(ge=0, description="the last event id already read")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=2**31 - 1, description="the last event id already read")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventsOut:
     """The clinic's events after `after`, oldest first."""
@@ -482,6 +485,55 @@ def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _documented_errors(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """The OpenAPI document, saying what errors really look like: problem details (RFC 9457,
+    `application/problem+json`) for any error status, FHIR resources (`application/fhir+json`)
+    from /fhir, and `{"status": "unauthorized"}` for a webhook whose signature fails."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title, version=app.version, summary=app.summary, routes=app.routes
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        components.setdefault("Problem", Problem.model_json_schema(ref_template=_REF))
+        components.setdefault("FieldError", FieldError.model_json_schema(ref_template=_REF))
+        problem_content = {PROBLEM: {"schema": {"$ref": _REF.format(model="Problem")}}}
+        for path, operations in schema.get("paths", {}).items():
+            error: dict[str, Any] = {"description": "Problem details", "content": problem_content}
+            if path.startswith("/fhir/"):
+                fhir_content: dict[str, Any] = {fhir.FHIR_JSON: {"schema": {}}}
+                # FHIR answers an OperationOutcome; a body too large is refused before it.
+                error = {"description": "An OperationOutcome", "content": fhir_content}
+                error["content"] |= problem_content
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                for status in responses:
+                    if not status.startswith("2"):
+                        responses[status] = error
+                    elif path.startswith("/fhir/"):
+                        responses[status] = {
+                            "description": "A FHIR resource",
+                            "content": fhir_content,
+                        }
+                if path.startswith("/webhooks/"):
+                    responses["401"] = {
+                        "description": "A missing, wrong or stale signature",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                responses["default"] = error
+        app.openapi_schema = schema
+        return schema
+
+    return openapi
+
+
+_REF = "#/components/schemas/{model}"
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="reminders",
@@ -497,4 +549,5 @@ def create_app() -> FastAPI:
     app.add_exception_handler(ProblemError, _on_problem)
     app.add_exception_handler(HTTPException, _on_http_error)
     app.add_middleware(BodyLimit)
+    app.openapi = _documented_errors(app)  # type: ignore[method-assign]
     return app

@@ -73,9 +73,14 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None
 
 
 def make_engine(url: str) -> Engine:
-    """An engine with the settings each backend needs for a multi-threaded service."""
+    """An engine with the settings each backend needs for a multi-threaded service.
+
+    `hide_parameters`: a database error's text (logged, e.g. by dramatiq for a failed message)
+    never carries the statement's values, which are patients' numbers and names."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 10}, hide_parameters=True
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # Multi-row INSERTs of 100 rows: psycopg rewrites each statement's placeholders in Python, at
@@ -89,6 +94,7 @@ def make_engine(url: str) -> Engine:
         pool_size=20,
         max_overflow=0,
         pool_pre_ping=True,
+        hide_parameters=True,
         insertmanyvalues_page_size=100,
         connect_args={"prepare_threshold": None},
     )

@@ -10,6 +10,9 @@ at it), and records every request. What it answers is programmable: a queue of `
         standin.queue(status(1), drop())       # the next two POSTs: throttled, then a drop
         settings = Settings(..., vonage_rest_host=standin.rest_host)
 
+For fault tests, `random_faults` answers a share of POSTs throttled, HTTP 500, late or cut, and
+`accepted` counts, per `client-ref`, the messages the stand-in took (so a duplicate send shows).
+
 Self-contained (stdlib + trustme), so bench/ and fault tests can import it as is.
 """
 
@@ -21,6 +24,7 @@ import hashlib
 import hmac
 import http.server
 import json
+import random
 import socket
 import ssl
 import struct
@@ -30,7 +34,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +86,7 @@ class Reply:
     accepted_parts: int = 0  # for "partial": parts accepted before the failing one
     error_text: str | None = None
     body: str | None = None  # for "http": the body (default: a Vonage-like problem JSON)
+    accepted: bool = False  # for "drop" and "reset": the message was taken before the cut
 
 
 def ok() -> Reply:
@@ -107,14 +112,48 @@ def hang(seconds: float) -> Reply:
     return Reply("hang", seconds=seconds)
 
 
-def drop() -> Reply:
-    """Read the whole request, then close the connection without a word (FIN)."""
-    return Reply("drop")
+def drop(*, accepted: bool = False) -> Reply:
+    """Read the whole request, then close the connection without a word (FIN). `accepted`: the
+    message was taken (counted, receipts sent) before the cut, as when only the answer is lost."""
+    return Reply("drop", accepted=accepted)
 
 
-def reset() -> Reply:
+def reset(*, accepted: bool = False) -> Reply:
     """Read the whole request, then reset the connection (RST)."""
-    return Reply("reset")
+    return Reply("reset", accepted=accepted)
+
+
+def random_faults(
+    *,
+    throttled: float = 0.0,
+    server_error: float = 0.0,
+    timeout: float = 0.0,
+    dropped: float = 0.0,
+    timeout_seconds: float = 12.0,
+    seed: int = 7,
+) -> Behaviour:
+    """A behaviour answering each POST, independently, throttled (status 1), HTTP 500, after
+    `timeout_seconds` (longer than the client waits; the message is taken all the same), or with
+    the connection dropped after reading it (half of those taken first), in these shares; the
+    rest are accepted. Seeded, so a run can be repeated."""
+    draw = random.Random(seed)
+    lock = threading.Lock()
+
+    def behaviour(request: ReceivedRequest) -> Reply:
+        with lock:
+            roll, coin = draw.random(), draw.random()
+        for share, reply in (
+            (throttled, status(1)),
+            (server_error, http_error(500)),
+            (timeout, hang(timeout_seconds)),
+            (dropped, drop(accepted=coin < 0.5)),
+        ):
+            if roll < share:
+                return reply
+            roll -= share
+        return ok()
+
+    return behaviour
 
 
 @dataclass(frozen=True)
@@ -217,6 +256,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(404, {"title": "Not Found"})
             return
         if reply.kind in ("drop", "reset"):
+            if reply.accepted:
+                standin._answer(request, ok())  # taken (and receipts sent); the answer is lost
             self._cut(rst=reply.kind == "reset")
             return
         if reply.kind == "hang":
@@ -287,11 +328,13 @@ class VonageStandIn:
         signature_secret: str | None = None,
         signature_method: str = "sha256",
         keep_requests: bool = True,
+        receipt_attempts: int = 1,
     ) -> None:
         """`api_key`/`api_secret`: when set, other credentials get status 4 (as Vonage does).
 
         `delivery_receipts_to`: a URL that receives a "delivered" receipt (form POST, SMS API
-        fields, signed with `signature_secret` when given) for each accepted part.
+        fields, signed with `signature_secret` when given) for each accepted part; like Vonage,
+        the stand-in tries again (`receipt_attempts` in all, backing off) while it is refused.
 
         `keep_requests=False` only counts POSTs (long benchmarks).
         """
@@ -309,6 +352,9 @@ class VonageStandIn:
         self._requests: list[ReceivedRequest] = []
         self._posts = 0
         self.keep_requests = keep_requests
+        self.receipt_attempts = receipt_attempts
+        self._taken: Counter[str] = Counter()  # client-ref: messages taken
+        self._taken_at: dict[str, float] = {}  # client-ref: last taken, time.time()
         self._connections: set[socket.socket] = set()
         self._stopping = threading.Event()
         self._receipt_threads: list[threading.Thread] = []
@@ -394,6 +440,8 @@ class VonageStandIn:
         with self._lock:
             self._replies.clear()
             self._requests.clear()
+            self._taken.clear()
+            self._taken_at.clear()
             self._posts = 0
             self.behaviour = None
 
@@ -406,6 +454,18 @@ class VonageStandIn:
     def posts(self) -> int:
         with self._lock:
             return self._posts
+
+    @property
+    def accepted(self) -> Counter[str]:
+        """How many messages the stand-in took per `client-ref` (a refusal is not counted)."""
+        with self._lock:
+            return Counter(self._taken)
+
+    @property
+    def accepted_at(self) -> dict[str, float]:
+        """When (`time.time()`) the last message of each `client-ref` was taken."""
+        with self._lock:
+            return dict(self._taken_at)
 
     def close_connections(self, timeout: float = 5.0) -> None:
         """Closes every open connection, as a server ending idle keep-alives does, and waits
@@ -463,8 +523,13 @@ class VonageStandIn:
                 messages.append(self._accepted(form))
             else:
                 messages.append(self._refused(reply.status, reply))
+        taken = [m for m in messages if m["status"] == "0"]
+        if taken and "client-ref" in form:
+            with self._lock:
+                self._taken[form["client-ref"]] += 1
+                self._taken_at[form["client-ref"]] = time.time()
         if self.delivery_receipts_to:
-            self._send_receipts(form, [m for m in messages if m["status"] == "0"])
+            self._send_receipts(form, taken)
         return {"message-count": str(parts), "messages": messages}
 
     def _accepted(self, form: dict[str, str]) -> dict[str, Any]:
@@ -495,11 +560,14 @@ class VonageStandIn:
         def post_all() -> None:
             for receipt in receipts:
                 data = urllib.parse.urlencode(receipt).encode()
-                try:
-                    with urllib.request.urlopen(url, data=data, timeout=5):
-                        pass
-                except OSError:
-                    pass  # a receipt lost is a case the app must survive too
+                for attempt in range(self.receipt_attempts):
+                    if attempt and self._stopping.wait(min(2.0**attempt, 10.0)):
+                        return
+                    try:
+                        with urllib.request.urlopen(url, data=data, timeout=5):
+                            break
+                    except OSError:
+                        pass  # a receipt lost is a case the app must survive too
 
         thread = threading.Thread(target=post_all, daemon=True)
         self._receipt_threads.append(thread)
