@@ -40,7 +40,7 @@ from reminders.models import (
     Template,
 )
 from reminders.planning import WENT_OUT, clinic_timing
-from reminders.sms import OutcomeUnknown, Provider, Sent, SmsError, mask_phone
+from reminders.sms import MIN_TTL_MS, OutcomeUnknown, Provider, Sent, SmsError, mask_phone
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,10 @@ CLAIM_STALE = dt.timedelta(minutes=10)  # queued this long: the broker lost it, 
 SENDING_STALE = dt.timedelta(minutes=2)  # sending this long: the worker died mid-send
 STOP_PAUSE = dt.timedelta(minutes=5)  # after credentials/credit errors, try again this late
 DEFAULT_SENDER = "Reminders"
+#: Less time than this before the deadline: too late to send (Vonage refuses a shorter ttl).
+MIN_TTL = dt.timedelta(milliseconds=MIN_TTL_MS)
+#: The error of a send whose outcome stayed unknown, with no receipt, until its deadline.
+NO_RECEIPT = "outcome unknown: no delivery receipt before the deadline"
 _STOP_KEY = "sending_stopped"
 _PENDING_OUTCOMES = ("queued", "sending", "sent", "unknown")
 
@@ -173,6 +177,21 @@ def sweep(session: Session, now: dt.datetime) -> list[int]:
             .execution_options(synchronize_session=False)
         )
     )
+    # An unknown outcome with no receipt by its deadline will not be resent: it ends `failed`
+    # (a receipt arriving later still settles it as sent).
+    given_up = session.execute(
+        update(Reminder)
+        .where(
+            Reminder.status == "unknown",
+            Reminder.delivery_status.is_(None),
+            Reminder.send_by <= now,
+        )
+        .values(status="failed", error=NO_RECEIPT)
+        .returning(Reminder.id)
+        .execution_options(synchronize_session=False)
+    )
+    for (reminder_id,) in given_up:
+        _failed_event(session, reminder_id, now, NO_RECEIPT, None)
     # An unknown outcome with no receipt after the grace period is resent, before the deadline.
     resend = (
         select(Reminder.id)
@@ -320,7 +339,7 @@ def _skip_reason(
     if reminder.kind in ANSWER_KINDS:
         # The patient wrote to us: answer at any hour, but not late, and not after a STOP
         # (the opt-out confirmation itself excepted).
-        if now > reminder.send_by:
+        if reminder.send_by - now < MIN_TTL:
             return "deadline"
         if reminder.kind != "opted_out" and (reminder.phone_e164, sender) in loaded.opted_out:
             return "opted_out"
@@ -336,7 +355,7 @@ def _skip_reason(
         return "confirmed"
     if not patient.sms_capable or patient.phone_e164 is None:
         return "not_sms_capable"
-    if now > reminder.send_by:
+    if reminder.send_by - now < MIN_TTL:
         return "deadline"
     # A later send for the same booking is due too (we were down, or paused): only the latest
     # goes, never a burst.
@@ -501,8 +520,13 @@ def _record(session: Session, reminder_id: int, now: dt.datetime, **values: Any)
 def _failed(
     session: Session, reminder_id: int, now: dt.datetime, error: str, status: str | None
 ) -> None:
-    if not _record(session, reminder_id, now, status="failed", error=error[:500]):
-        return
+    if _record(session, reminder_id, now, status="failed", error=error[:500]):
+        _failed_event(session, reminder_id, now, error, status)
+
+
+def _failed_event(
+    session: Session, reminder_id: int, now: dt.datetime, error: str, status: str | None
+) -> None:
     reminder = session.get(Reminder, reminder_id)
     assert reminder is not None
     appointment = reminder.appointment
@@ -831,15 +855,20 @@ def _settle(
 ) -> str:
     current = _RECEIPT_RANK.get(reminder.delivery_status or "", -1)
     rank = _RECEIPT_RANK.get(status, 0)
-    if rank <= current and reminder.status != "unknown":
+    # A receipt proves the send reached Vonage: it settles a send whose outcome we do not know
+    # yet (its answer lost, its worker gone, or still being recorded), or gave up on.
+    open_outcome = reminder.status in ("unknown", "sending") or (
+        reminder.status == "failed" and reminder.error == NO_RECEIPT
+    )
+    if rank <= current and not open_outcome:
         return "unchanged"
     if rank > current:
         reminder.delivery_status = status
         reminder.delivery_error = err_code if err_code not in (None, "0") else None
         if status == "delivered":
             reminder.delivered_at = now
-    if reminder.status == "unknown":
-        # The send whose answer we lost did reach Vonage: settle it, never resend it.
+    if open_outcome:
+        # The send did reach Vonage: settle it, never resend it.
         reminder.status = "failed" if status in ("failed", "rejected", "expired") else "sent"
         reminder.sent_at = reminder.sent_at or now
         reminder.provider_message_id = reminder.provider_message_id or message_id

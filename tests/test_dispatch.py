@@ -491,6 +491,70 @@ def test_credentials_or_credit_errors_stop_all_sending_and_keep_reminders_pendin
     assert [s for (s,) in statuses("status")] == ["sent", "sent"]
 
 
+def receipt(row_id: int, status: str, now: dt.datetime) -> str:
+    with db.session_scope() as session:
+        return dispatch.apply_receipt(
+            session,
+            message_id=f"m{row_id}",
+            client_ref=f"r{row_id}",
+            status=status,
+            err_code="0",
+            price=None,
+            now=now,
+        )
+
+
+def test_a_receipt_beating_the_record_of_its_send_settles_it_and_nothing_is_resent(
+    sending: Sending,
+) -> None:
+    book(sending.cast)
+    with db.session_scope() as session:
+        [row_id] = dispatch.claim_due(session, DUE_72H)
+    with db.session_scope() as session:  # the worker took it and sent it...
+        prepared, _ = dispatch.prepare_batch(session, [row_id], DUE_72H, get_settings())
+        assert [p.reminder_id for p in prepared] == [row_id]
+    # ...and died (or lost the database) before recording it; the receipt came anyway.
+    assert receipt(row_id, "delivered", DUE_72H + dt.timedelta(seconds=5)) == "applied"
+    later = DUE_72H + dispatch.SENDING_STALE + dispatch.UNKNOWN_GRACE + dt.timedelta(minutes=1)
+    assert sending.tick(later) == []
+    assert statuses("status", "delivery_status") == [("sent", "delivered")]
+    assert sending.printed() == []  # never sent again
+
+
+def test_an_unknown_send_without_a_receipt_by_its_deadline_fails_and_a_late_receipt_settles_it(
+    sending: Sending,
+) -> None:
+    book(sending.cast)
+    with db.session_scope() as session:
+        [row_id] = dispatch.claim_due(session, DUE_72H)
+        row = session.get(Reminder, row_id)
+        assert row is not None
+        row.status, row.claimed_at = "unknown", DUE_72H  # the answer of its send was lost
+        row.next_attempt_at = STARTS  # and no resend came before the deadline
+    sending.tick(STARTS - dt.timedelta(hours=1))  # past the 2 h deadline
+    assert statuses("status", "error") == [("failed", dispatch.NO_RECEIPT)]
+    with db.session_scope() as session:
+        [event] = session.scalars(select(Event))
+        assert (event.type, event.data["error"]) == ("message.failed", dispatch.NO_RECEIPT)
+    assert receipt(row_id, "delivered", STARTS) == "applied"  # it did arrive after all
+    assert statuses("status", "delivery_status") == [("sent", "delivered")]
+
+
+def test_less_than_vonages_shortest_ttl_before_the_deadline_is_a_skip_not_a_failure(
+    sending: Sending,
+) -> None:
+    book(sending.cast)
+    deadline = STARTS - dt.timedelta(hours=2)
+    with db.session_scope() as session:
+        ids = dispatch.claim_due(session, DUE_72H)
+    too_late = deadline - dt.timedelta(seconds=10)
+    results = dispatch.send_batch(
+        ids, Clock(too_late), ConsoleProvider(stream=sending.out), get_settings()
+    )
+    assert list(results.values()) == ["deadline"]
+    assert statuses("status", "skip_reason") == [("skipped", "deadline")]
+
+
 def test_a_dropped_connection_is_an_unknown_outcome_resent_only_without_a_receipt(
     vonage: tuple[standin.VonageStandIn, Sending],
 ) -> None:
