@@ -293,12 +293,11 @@ def rendered() -> str:
     with db.session_scope() as session:
         reminder = session.scalars(select(Reminder).order_by(Reminder.id)).first()
         assert reminder is not None
-        appointment = reminder.appointment
-        assert appointment is not None
+        assert reminder.appointment is not None
         clinic = session.get(Clinic, reminder.clinic_id)
         assert clinic is not None
         now = dt.datetime.now(dt.UTC)
-        return dispatch.render(session, reminder, appointment, clinic, get_settings(), now)
+        return dispatch.render(session, reminder, clinic, get_settings(), now, None)
 
 
 # -- nothing identifying in the logs ------------------------------------------------------------
