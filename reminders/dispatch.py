@@ -242,9 +242,6 @@ def stop_sending(session: Session, now: dt.datetime, reason: str) -> None:
 
 #: Ids per queued message: one message, one claim, a few statements for up to this many SMS.
 SEND_BATCH = 25
-#: A claimed row still waiting for its send (the rate limit) has its claim renewed this often,
-#: so that the sweep (SENDING_STALE) never takes a row that is about to go out for a dead one.
-CLAIM_RENEWAL = dt.timedelta(seconds=45)
 _table = cast(Table, Reminder.__table__)
 
 
@@ -582,13 +579,17 @@ def _put_back(reminder_ids: Sequence[int], clock: Clock, reason: str) -> None:
         )
 
 
-def _renew_claims(reminder_ids: Sequence[int], now: dt.datetime) -> None:
+def _renew_claims(reminder_ids: Sequence[int], now: dt.datetime) -> set[int]:
+    """Renews the claim on rows still `sending`; returns them (the others the sweep took)."""
     with session_scope() as session:
-        session.execute(
-            update(Reminder)
-            .where(Reminder.id.in_(reminder_ids), Reminder.status == "sending")
-            .values(claimed_at=now)
-            .execution_options(synchronize_session=False)
+        return set(
+            session.scalars(
+                update(Reminder)
+                .where(Reminder.id.in_(reminder_ids), Reminder.status == "sending")
+                .values(claimed_at=now)
+                .returning(Reminder.id)
+                .execution_options(synchronize_session=False)
+            )
         )
 
 
@@ -644,20 +645,25 @@ def send_batch(
     accepted: list[_Accepted] = []
     retry: list[int] = []
     claimed_at = clock()
+    held = {p.reminder_id for p in prepared}
     try:
         for index, item in enumerate(prepared):
-            if clock() - claimed_at > CLAIM_RENEWAL:
-                # A slow batch (a low send rate): record what went, renew the claim on the rest.
-                claimed_at = clock()
-                _record_sent(accepted, clock)
-                accepted.clear()
-                _renew_claims([p.reminder_id for p in prepared[index:]], claimed_at)
             if limiter is not None and not limiter.wait(item.send_by):
                 with session_scope() as session:
                     _record(
                         session, item.reminder_id, clock(), status="skipped", skip_reason="deadline"
                     )
                 results[item.reminder_id] = "deadline"
+                continue
+            # A slow batch (a low send rate, sends timing out): record what went and renew the
+            # claim on the rest well before the sweep would take them for a dead worker's.
+            if clock() - claimed_at > SENDING_STALE / 4:
+                claimed_at = clock()
+                _record_sent(accepted, clock)
+                accepted.clear()
+                held = _renew_claims([p.reminder_id for p in prepared[index:]], claimed_at)
+            if item.reminder_id not in held:
+                results[item.reminder_id] = "swept"  # the sweep has it: never sent from here
                 continue
             outcome = _send(item, clock, provider, accepted)
             results[item.reminder_id] = outcome

@@ -449,6 +449,34 @@ def test_a_slow_batch_renews_its_claim_so_the_sweep_never_takes_a_send_in_progre
     assert out.getvalue().count("SMS ") == 3
 
 
+def test_rows_the_sweep_took_from_a_stalled_batch_are_sent_once_by_the_sweep_not_the_batch(
+    sending: Sending,
+) -> None:
+    for i in range(2):
+        book(sending.cast, f"A{i}", patient_id=f"P{i}")
+    with db.session_scope() as session:
+        ids = dispatch.claim_due(session, DUE_72H)
+    clock = Clock(DUE_72H)
+
+    class Stalled:
+        """The worker froze past the sweep's patience (a long GC pause, a stuck socket)."""
+
+        def wait(self, until: dt.datetime) -> bool:
+            clock.now += dispatch.SENDING_STALE + dt.timedelta(seconds=1)
+            with db.session_scope() as session:
+                dispatch.sweep(session, clock.now)  # takes the rows for a dead worker's
+            return True
+
+    results = dispatch.send_batch(
+        ids, clock, ConsoleProvider(stream=sending.out), get_settings(), Stalled()
+    )
+    assert list(results.values()) == ["swept", "swept"]
+    assert sending.printed() == []
+    sending.tick(clock.now + dispatch.UNKNOWN_GRACE + dt.timedelta(minutes=1))
+    assert len(sending.printed()) == 2  # each sent once, by the sweep's resend
+    assert statuses("status") == [("sent",)] * 2
+
+
 def test_a_permanent_vonage_error_fails_with_an_event(
     vonage: tuple[standin.VonageStandIn, Sending],
 ) -> None:
