@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 from zoneinfo import ZoneInfo
@@ -126,17 +126,29 @@ def claim_due(session: Session, now: dt.datetime, limit: int = 1000) -> list[int
     # Answers to patients are not reminders: no cap holds them back.
     uncapped = or_(Clinic.daily_cap.is_(None), Reminder.kind.in_(ANSWER_KINDS))
     claimed = _claim(session, _due(now, limit).where(uncapped), now)
-    # Only the capped clinics with something due (found through the small index of planned
-    # rows): an idle tick costs no per-clinic query, whatever the table size.
-    due_somewhere = select(Reminder.clinic_id).where(
-        Reminder.status == "planned", Reminder.due_at <= now, Reminder.kind.not_in(ANSWER_KINDS)
-    )
-    capped = session.scalars(
-        select(Clinic).where(
-            Clinic.daily_cap.is_not(None),
-            Clinic.paused.is_(False),
-            Clinic.id.in_(due_somewhere),
+    # Only the capped clinics with something due, found first through the small index of
+    # planned rows: an idle tick costs no per-clinic query, whatever the table size.
+    due_clinics = set(
+        session.scalars(
+            select(Reminder.clinic_id)
+            .where(
+                Reminder.status == "planned",
+                Reminder.due_at <= now,
+                Reminder.kind.not_in(ANSWER_KINDS),
+            )
+            .distinct()
         )
+    )
+    capped: Iterable[Clinic] = (
+        session.scalars(
+            select(Clinic).where(
+                Clinic.daily_cap.is_not(None),
+                Clinic.paused.is_(False),
+                Clinic.id.in_(due_clinics),
+            )
+        )
+        if due_clinics
+        else []
     )
     for clinic in capped:
         assert clinic.daily_cap is not None
