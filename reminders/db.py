@@ -11,19 +11,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, DateTime, Engine, MetaData, create_engine, event
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.types import TypeDecorator
 
-from alembic import command
 from reminders.config import get_settings
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -127,7 +126,10 @@ def reset() -> None:
 
 
 def alembic_config(connection: Connection | None = None) -> AlembicConfig:
-    """Alembic configured in code: the scripts ship in the wheel, or sit beside the package."""
+    """Alembic configured in code: the scripts ship in the wheel, or sit beside the package.
+    (Alembic is imported here, not above: workers never migrate, and start faster without it.)"""
+    from alembic.config import Config as AlembicConfig
+
     packaged = Path(__file__).parent / "_alembic"
     script_dir = packaged if packaged.is_dir() else Path(__file__).parent.parent / "alembic"
     config = AlembicConfig()
@@ -139,12 +141,17 @@ def alembic_config(connection: Connection | None = None) -> AlembicConfig:
 
 def migrate(engine: Engine) -> None:
     """Upgrades the schema to the newest revision."""
+    from alembic import command
+
     with engine.begin() as connection:
         command.upgrade(alembic_config(connection), "head")
 
 
 def schema_is_current(engine: Engine) -> bool:
     """True when the database is at the newest revision the code knows."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision() == head
