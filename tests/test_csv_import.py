@@ -281,6 +281,25 @@ def test_a_database_error_loses_one_batch_and_the_import_goes_on(
     assert "Marie" not in errors[0]["reason"]
 
 
+def test_a_database_down_stops_the_import_after_three_batches_and_applies_nothing_after(
+    cast: Cast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+
+    def down(self: Intake, items: list[object]) -> object:
+        calls.append(len(items))
+        raise OperationalError("INSERT ...", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(Intake, "batch", down)
+    path = copy("clean.csv", tmp_path)
+    with pytest.raises(csv_import.ImportAborted) as aborted:
+        import_csv(path, cast.clinic_id, now=NOW, batch_size=1)
+    # Batches are written one at a time while the next is read: none runs after the third failure.
+    assert calls == [1] * csv_import.MAX_FAILED_BATCHES
+    assert aborted.value.summary.rejected == csv_import.MAX_FAILED_BATCHES
+    assert aborted.value.summary.created == 0
+
+
 def test_an_errors_file_left_by_an_earlier_run_is_removed_when_all_rows_are_good(
     cast: Cast, tmp_path: Path
 ) -> None:
