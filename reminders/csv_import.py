@@ -51,12 +51,10 @@ identifying goes to logs.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -390,11 +388,6 @@ class _Importer:
     pending: list[_Pending] = field(default_factory=list)
     # Rejections that follow a pending row: written once its batch is applied.
     held: list[_Rejected] = field(default_factory=list)
-    # One batch at a time is written by this thread while the next one is read.
-    writer: ThreadPoolExecutor | None = None
-    in_flight: (
-        tuple[Future[list[Upserted | IntakeError]], list[_Pending], list[_Rejected]] | None
-    ) = None
 
     def add(self, row: _Pending) -> None:
         self.pending.append(row)
@@ -411,56 +404,22 @@ class _Importer:
             self.apply()
 
     def apply(self) -> None:
-        """Hands the pending rows to the database thread (once the batch before them is done),
-        so that the next batch is read and validated while this one is written."""
+        """Applies the pending rows, then writes this stretch's rejections in line order."""
         pending, self.pending = self.pending, []
         rejected, self.held = self.held, []
-        self.settle()
+        try:
+            self._apply(pending, rejected)
+        finally:
+            rejected.sort(key=lambda r: r.line)
+            for row in rejected:
+                self.errors.write(row)
+            self.errors.flush()
+
+    def _apply(self, pending: list[_Pending], rejected: list[_Rejected]) -> None:
         if not pending:
-            self._write(rejected)
             return
-        if self.writer is None:
-            self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="csv-import")
-        future = self.writer.submit(self._run, [p.item for p in pending])
-        self.in_flight = (future, pending, rejected)
-
-    def settle(self) -> None:
-        """Waits for the batch in the database thread, counts it, writes its stretch's
-        rejections in line order."""
-        if self.in_flight is None:
-            return
-        future, pending, rejected = self.in_flight
-        self.in_flight = None
         try:
-            self._apply(future, pending, rejected)
-        finally:
-            self._write(rejected)
-
-    def close(self, *, apply_rest: bool = True) -> None:
-        """Applies what is left (unless the import stopped on an error) and settles the batch
-        in the database thread, so that every row written is counted."""
-        try:
-            if apply_rest:
-                self.apply()
-            self.settle()
-        finally:
-            if self.writer is not None:
-                self.writer.shutdown(wait=True)
-
-    def _write(self, rejected: list[_Rejected]) -> None:
-        rejected.sort(key=lambda r: r.line)
-        for row in rejected:
-            self.errors.write(row)
-        self.errors.flush()
-
-    def _apply(
-        self,
-        future: Future[list[Upserted | IntakeError]],
-        pending: list[_Pending],
-        rejected: list[_Rejected],
-    ) -> None:
-        try:
-            results = future.result()
+            results = self._run([p.item for p in pending])
         except SQLAlchemyError as exc:
             self.failed_in_a_row += 1
             code = getattr(getattr(exc, "orig", None), "sqlstate", None) or type(exc).__name__
@@ -560,13 +519,7 @@ def import_csv(
         errors = _ErrorsFile(errors_path, header)
         importer = _Importer(clinic_id, now, dry_run, errors, batch_size)
         try:
-            try:
-                _import_records(importer, lines, sep, index, zone, progress)
-            except BaseException:
-                with contextlib.suppress(Exception):  # the first error is the one to report
-                    importer.close(apply_rest=False)
-                raise
-            importer.close()
+            _import_records(importer, lines, sep, index, zone, progress)
         finally:
             if errors.close():
                 importer.summary.errors_path = errors_path
@@ -658,6 +611,7 @@ def _import_records(
             importer.reject(_Rejected(record.line, external_id, column, reason, cells=cells))
             continue
         importer.add(_Pending(record.line, cells, item))
+    importer.apply()
 
 
 def _explain(exc: ValidationError) -> tuple[str, str]:

@@ -294,7 +294,6 @@ def test_a_database_down_stops_the_import_after_three_batches_and_applies_nothin
     path = copy("clean.csv", tmp_path)
     with pytest.raises(csv_import.ImportAborted) as aborted:
         import_csv(path, cast.clinic_id, now=NOW, batch_size=1)
-    # Batches are written one at a time while the next is read: none runs after the third failure.
     assert calls == [1] * csv_import.MAX_FAILED_BATCHES
     assert aborted.value.summary.rejected == csv_import.MAX_FAILED_BATCHES
     assert aborted.value.summary.created == 0
