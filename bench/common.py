@@ -18,8 +18,22 @@ SECRET_KEY = "bench-secret-key-not-for-production-0123456789"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+DEFAULT_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/"
+
+
 class SetupError(Exception):
     """The benchmark could not set itself up (a database, a process); the reason is in the text."""
+
+
+def bench_database_url(name: str) -> str:
+    """The benchmark database `name` on the server of `REMINDERS_BENCH_DATABASE_URL` (default
+    the local PostgreSQL), with the psycopg 3 driver."""
+    base = make_url(os.environ.get("REMINDERS_BENCH_DATABASE_URL") or DEFAULT_SERVER)
+    if base.get_backend_name() != "postgresql":
+        raise SetupError("REMINDERS_BENCH_DATABASE_URL must be a postgresql:// URL")
+    if base.drivername in ("postgresql", "postgresql+psycopg2"):
+        base = base.set(drivername="postgresql+psycopg")
+    return base.set(database=name).render_as_string(hide_password=False)
 
 
 def admin(url: str, *statements: str) -> None:

@@ -46,7 +46,6 @@ from typing import Any
 import httpx
 import redis
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
@@ -54,6 +53,7 @@ from common import (
     SECRET_KEY,
     VENV_BIN,
     SetupError,
+    bench_database_url,
     drop_database,
     free_port,
     recreate_database,
@@ -62,7 +62,6 @@ from common import (
 )
 
 DATABASE = "reminders_bench_load"
-DEFAULT_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/12"
 SIGNATURE_SECRET = "bench-load-signature-secret"
 SENDER = "+33939000000"
@@ -80,12 +79,7 @@ REPLIES = ("1", "OUI", "hello?")
 
 
 def database_url() -> str:
-    base = make_url(os.environ.get("REMINDERS_BENCH_DATABASE_URL") or DEFAULT_SERVER)
-    if base.get_backend_name() != "postgresql":
-        raise SetupError("REMINDERS_BENCH_DATABASE_URL must be a postgresql:// URL")
-    if base.drivername in ("postgresql", "postgresql+psycopg2"):
-        base = base.set(drivername="postgresql+psycopg")
-    return base.set(database=DATABASE).render_as_string(hide_password=False)
+    return bench_database_url(DATABASE)
 
 
 def phone(number: int) -> str:

@@ -95,6 +95,7 @@ from sqlalchemy.engine import make_url
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     SetupError,
+    bench_database_url,
     drop_database,
     free_port,
     machine_busy_seconds,
@@ -104,7 +105,6 @@ from common import (
 
 ROOT = Path(__file__).resolve().parent.parent
 REMINDERS = [sys.executable, "-m", "reminders"]
-DEFAULT_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/"
 DATABASE = "reminders_bench_replies"
 REDIS_URL = "redis://127.0.0.1:6379/13"
 SECRET_KEY = "bench-replies-secret-key-not-for-production-0123456789"
@@ -206,12 +206,7 @@ def wait_for_quiet(busy_pct: float | None, longest: float) -> float:
 
 
 def database_url() -> str:
-    base = make_url(os.environ.get("REMINDERS_BENCH_DATABASE_URL") or DEFAULT_SERVER)
-    if base.get_backend_name() != "postgresql":
-        raise SetupError("REMINDERS_BENCH_DATABASE_URL must be a postgresql:// URL")
-    if base.drivername in ("postgresql", "postgresql+psycopg2"):
-        base = base.set(drivername="postgresql+psycopg")
-    return base.set(database=DATABASE).render_as_string(hide_password=False)
+    return bench_database_url(DATABASE)
 
 
 def connections_to(url: str) -> int:

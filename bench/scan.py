@@ -61,9 +61,8 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SetupError, machine_busy_seconds, recreate_database
+from common import SetupError, bench_database_url, machine_busy_seconds, recreate_database
 
-DEFAULT_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/"
 DEFAULT_DATABASE = "reminders_bench_scan"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
 SECRET_KEY = "bench-secret-key-not-for-production-0123456789"
@@ -88,13 +87,7 @@ err = Console(stderr=True)
 # Database and process helpers
 
 
-def database_url(name: str) -> str:
-    base = make_url(os.environ.get("REMINDERS_BENCH_DATABASE_URL") or DEFAULT_SERVER)
-    if base.get_backend_name() != "postgresql":
-        raise SetupError("REMINDERS_BENCH_DATABASE_URL must be a postgresql:// URL")
-    if base.drivername in ("postgresql", "postgresql+psycopg2"):
-        base = base.set(drivername="postgresql+psycopg")
-    return base.set(database=name).render_as_string(hide_password=False)
+database_url = bench_database_url
 
 
 def drop_database(url: str) -> None:

@@ -70,6 +70,7 @@ from sqlalchemy.engine import make_url
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     SetupError,
+    bench_database_url,
     drop_database,
     machine_busy_seconds,
     peak_rss_mib,
@@ -80,7 +81,6 @@ from common import (
 ROOT = Path(__file__).resolve().parent.parent
 # Workers run from elsewhere: `python -m` puts its cwd first on sys.path, before PYTHONPATH.
 WORKDIR = Path(tempfile.gettempdir())
-DEFAULT_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/"
 DEFAULT_DATABASE = "reminders_bench_send"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
 DEFAULT_NOOP_REDIS = "redis://127.0.0.1:6379/14"
@@ -173,13 +173,7 @@ def cpu_since(before: dict[int, float], *names: str) -> float:
 # Database
 
 
-def database_url(name: str) -> str:
-    base = make_url(os.environ.get("REMINDERS_BENCH_DATABASE_URL") or DEFAULT_SERVER)
-    if base.get_backend_name() != "postgresql":
-        raise SetupError("REMINDERS_BENCH_DATABASE_URL must be a postgresql:// URL")
-    if base.drivername in ("postgresql", "postgresql+psycopg2"):
-        base = base.set(drivername="postgresql+psycopg")
-    return base.set(database=name).render_as_string(hide_password=False)
+database_url = bench_database_url
 
 
 FILL_SQL = (

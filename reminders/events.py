@@ -54,23 +54,37 @@ def record(
     data: dict[str, Any] | None = None,
 ) -> Event:
     """Appends an event in the caller's transaction (and its webhook delivery, if any)."""
-    if type_ not in EVENT_TYPES:
-        raise ValueError(f"unknown event type {type_!r}")
+    row = _row(session, clinic_id, type_, now, appointment, data)
     _lock(session, [clinic_id])
-    has_webhook = session.scalar(select(Clinic.webhook_url).where(Clinic.id == clinic_id))
-    event = Event(
-        clinic_id=clinic_id,
-        type=type_,
-        at=now,
-        appointment_external_id=appointment,
-        data=data or {},
-        webhook_status="pending" if has_webhook else "none",
-        webhook_next_at=now if has_webhook else None,
-        webhook_attempts=0,
-    )
+    event = Event(**row)
     session.add(event)
     session.flush()
     return event
+
+
+def _row(
+    session: Session,
+    clinic_id: int,
+    type_: str,
+    now: dt.datetime,
+    appointment: str | None,
+    data: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """An event's columns, its webhook delivery pending when the clinic has a webhook."""
+    if type_ not in EVENT_TYPES:
+        raise ValueError(f"unknown event type {type_!r}")
+    clinic = session.get(Clinic, clinic_id)  # usually loaded already: no query
+    has_webhook = clinic is not None and bool(clinic.webhook_url)
+    return {
+        "clinic_id": clinic_id,
+        "type": type_,
+        "at": now,
+        "appointment_external_id": appointment,
+        "data": data or {},
+        "webhook_status": "pending" if has_webhook else "none",
+        "webhook_next_at": now if has_webhook else None,
+        "webhook_attempts": 0,
+    }
 
 
 _PENDING = "reminders.events.pending"  # the session.info key of events written at commit
@@ -88,22 +102,8 @@ def record_at_commit(
     """Appends an event to the caller's transaction, written just before it commits (and lost
     with it on rollback). Queries in the same transaction do not see it: for writers that do not
     read their events back (and not inside a savepoint, whose rollback would not drop it)."""
-    if type_ not in EVENT_TYPES:
-        raise ValueError(f"unknown event type {type_!r}")
-    clinic = session.get(Clinic, clinic_id)  # usually loaded already: no query
-    has_webhook = clinic is not None and bool(clinic.webhook_url)
-    session.info.setdefault(_PENDING, []).append(
-        {
-            "clinic_id": clinic_id,
-            "type": type_,
-            "at": now,
-            "appointment_external_id": appointment,
-            "data": data or {},
-            "webhook_status": "pending" if has_webhook else "none",
-            "webhook_next_at": now if has_webhook else None,
-            "webhook_attempts": 0,
-        }
-    )
+    row = _row(session, clinic_id, type_, now, appointment, data)
+    session.info.setdefault(_PENDING, []).append(row)
 
 
 _LOCK = select(func.pg_advisory_xact_lock(_LOCK_NAMESPACE, bindparam("clinic_id")))

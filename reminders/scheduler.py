@@ -49,27 +49,20 @@ def queue_reports(clock: dispatch.Clock = actors.real_clock) -> list[int]:
     return ids
 
 
-def _reports_job() -> None:
-    try:
-        queued = queue_reports()
-    except Exception:
-        log.exception("weekly report check failed; the next one will try again")
-        return
-    if queued:
-        log.info("queued %d weekly report(s)", len(queued))
+def _every(
+    scheduler: BaseScheduler, work: Callable[[], list[int]], seconds: int, name: str, what: str
+) -> None:
+    """Runs `work` every `seconds`, logging what it queued; a failure waits for the next run."""
 
+    def job() -> None:
+        try:
+            queued = work()
+        except Exception:
+            log.exception("scheduler job %s failed; the next run will try again", name)
+            return
+        if queued:
+            log.info("queued %d %s", len(queued), what)
 
-def _tick_job() -> None:
-    try:
-        queued = tick()
-    except Exception:
-        log.exception("scheduler tick failed; the next one will try again")
-        return
-    if queued:
-        log.info("queued %d SMS", len(queued))
-
-
-def _every(scheduler: BaseScheduler, job: Callable[[], None], seconds: int, name: str) -> None:
     scheduler.add_job(
         job,
         "interval",
@@ -84,6 +77,6 @@ def _every(scheduler: BaseScheduler, job: Callable[[], None], seconds: int, name
 
 def add_jobs(scheduler: BaseScheduler) -> BaseScheduler:
     """The jobs every scheduler process runs; any number of processes may run them at once."""
-    _every(scheduler, _tick_job, TICK_SECONDS, "tick")
-    _every(scheduler, _reports_job, REPORT_CHECK_SECONDS, "weekly-reports")
+    _every(scheduler, tick, TICK_SECONDS, "tick", "SMS")
+    _every(scheduler, queue_reports, REPORT_CHECK_SECONDS, "weekly-reports", "weekly report(s)")
     return scheduler

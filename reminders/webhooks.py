@@ -15,7 +15,7 @@ import json
 import logging
 from typing import Annotated, Any
 
-import vonage
+import vonage_http_client
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
@@ -73,7 +73,7 @@ def verify(params: dict[str, str], settings: Settings, now: dt.datetime) -> None
         raise Unauthorized("unsigned")
     if not signed or secret is None:
         return
-    auth = vonage.Auth(
+    auth = vonage_http_client.Auth(
         api_key=settings.vonage_api_key or "unused",
         signature_secret=secret.get_secret_value(),
         signature_method=settings.vonage_signature_method,
