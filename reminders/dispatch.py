@@ -269,7 +269,6 @@ class Prepared:
     sender: str
     text: str
     send_by: dt.datetime
-    segments: int = 1
 
 
 @dataclass
@@ -498,9 +497,7 @@ def prepare_batch(
                 "b_phone": phone,
             }
         )
-        prepared.append(
-            Prepared(reminder.id, phone, sender_of(clinic), text, reminder.send_by, segments.count)
-        )
+        prepared.append(Prepared(reminder.id, phone, sender_of(clinic), text, reminder.send_by))
     _update_each(session, skipped, status="skipped", skip_reason=bindparam("b_reason"))
     _update_each(session, waiting, status="planned", due_at=bindparam("b_due"))
     _update_each(
