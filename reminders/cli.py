@@ -9,21 +9,14 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import dramatiq
 import typer
-import uvicorn
-from apscheduler.schedulers.background import BackgroundScheduler
 from dramatiq.brokers.stub import StubBroker
-from rich.console import Console
-from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
-from uvicorn.supervisors import Multiprocess
 
 from reminders import actors, broker, clinics, db, dispatch, scheduler, texts
 from reminders.broker import QUEUE, WEBHOOK_QUEUE
@@ -32,7 +25,13 @@ from reminders.models import Clinic
 from reminders.security import secret_key
 
 if TYPE_CHECKING:
+    from apscheduler.schedulers.background import BackgroundScheduler
     from fastapi import FastAPI
+
+    from reminders.serving import Server
+
+# Each command imports what only it needs (uvicorn and the web stack, APScheduler, rich tables)
+# inside it: a worker or scheduler then starts in a fraction of the time.
 
 app = typer.Typer(
     name="reminders",
@@ -81,33 +80,26 @@ def prepare_database(config: Settings, *, auto_migrate: bool) -> None:
         fail(f"cannot reach the database: {exc.orig}")
 
 
-class _Server(uvicorn.Server):
-    """uvicorn with our own SIGTERM/SIGINT handlers, installed as soon as the server exists (a
-    signal while the other parts start still stops cleanly), ending in exit 0 where uvicorn
-    itself would re-raise the signal once stopped."""
-
-    def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.handle_exit)
-
-    @contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield  # the handlers above stay in place
-
-
 def _logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
 
-def make_server(host: str, port: int) -> _Server:
-    from reminders.api import create_app
+def make_server(host: str, port: int) -> Server:
+    from reminders.serving import make_server as make
 
     _logging()
-    server = _Server(uvicorn.Config(create_app(), host=host, port=port, access_log=False))
-    server.install_signal_handlers()
-    return server
+    return make(host, port)
+
+
+def _jobs() -> BackgroundScheduler:
+    """The scheduler's jobs, started."""
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    jobs = scheduler.add_jobs(BackgroundScheduler(timezone=dt.UTC))
+    jobs.start()
+    return jobs
 
 
 def _until_signal() -> None:
@@ -135,8 +127,7 @@ def run(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
     prepare_database(config, auto_migrate=True)
     server = make_server(host, port)
     worker = _worker(actors.configure(config), threads=4)
-    jobs = scheduler.add_jobs(BackgroundScheduler(timezone=dt.UTC))
-    jobs.start()
+    jobs = _jobs()
     try:
         server.run()  # until SIGTERM/SIGINT: in-flight requests finish, then we return
     finally:
@@ -164,19 +155,10 @@ def api(
         broker.install(config)  # answers to patients are queued straight from the webhooks
         make_server(host, port).run()
         return
-    # One Python process uses one core at most: several share the socket. uvicorn's supervisor
-    # starts them (spawned, each builds its app with `api_app`), restarts one that dies, and on
-    # SIGTERM/SIGINT stops them all, in-flight requests first.
+    from reminders.serving import serve_processes
+
     _logging()
-    uv = uvicorn.Config(
-        "reminders.cli:api_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        access_log=False,
-    )
-    Multiprocess(uv, sockets=[uv.bind_socket()]).run()
+    serve_processes("reminders.cli:api_app", host, port, workers)  # each builds `api_app`
 
 
 def api_app() -> FastAPI:
@@ -202,8 +184,7 @@ def scheduler_command() -> None:
     config = _needs_redis("scheduler")
     _logging()
     actors.configure(config)
-    jobs = scheduler.add_jobs(BackgroundScheduler(timezone=dt.UTC))
-    jobs.start()
+    jobs = _jobs()
     _until_signal()
     jobs.shutdown(wait=True)
 
@@ -406,6 +387,7 @@ def import_command(
     as_json: JsonOption = False,
 ) -> None:
     """Bulk appointments from CSV: good rows land, bad rows go to the errors file (exit 1)."""
+    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
     from reminders import csv_import
@@ -590,6 +572,9 @@ def template_check(
     if as_json:
         emit(True, {"texts": rows}, "")
         return
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table("lang", "kind", "encoding", "length", "segments", "text", show_lines=True)
     for row in rows:
         kind = f"{row['kind']} (own)" if row["own"] else str(row["kind"])

@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Table, bindparam, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session, joinedload
+from sqlalchemy.orm import Session
 from sqlalchemy.sql import Select
 
 from reminders import events, schedule, texts
@@ -32,14 +32,16 @@ from reminders.config import Settings
 from reminders.db import session_scope
 from reminders.models import (
     ANSWER_KINDS,
+    WENT_OUT,
+    Appointment,
     AppSetting,
     Clinic,
     DeliveryReceipt,
     OptOut,
+    Patient,
     Reminder,
     Template,
 )
-from reminders.planning import WENT_OUT, clinic_timing
 from reminders.sms import MIN_TTL_MS, OutcomeUnknown, Provider, Sent, SmsError, mask_phone
 
 log = logging.getLogger(__name__)
@@ -271,11 +273,89 @@ class Prepared:
     send_by: dt.datetime
 
 
+@dataclass(frozen=True, slots=True)
+class Due:
+    """A claimed reminder with what its re-check and rendering read of its appointment and
+    patient: plain values from one join (building ORM objects for them cost more than all the
+    rest of the batch's database work). The appointment's and patient's fields are None for an
+    answer sent without an appointment."""
+
+    id: int
+    kind: str
+    rule: str
+    phone_e164: str
+    due_at: dt.datetime
+    send_by: dt.datetime
+    clinic_id: int
+    appointment_id: int | None
+    appointment_starts_at: dt.datetime | None
+    status: str | None
+    confirmation: str | None
+    starts_at: dt.datetime | None
+    link_token: str | None
+    practitioner: str | None
+    location: str | None
+    patient_phone: str | None
+    sms_capable: bool | None
+    language: str | None
+
+    @property
+    def target_phone(self) -> str:
+        """Where it goes: the patient's number as of now for reminders, the asker's for answers."""
+        if self.appointment_id is not None and self.kind not in ANSWER_KINDS:
+            return self.patient_phone or self.phone_e164
+        return self.phone_e164
+
+
+_appointments = cast(Table, Appointment.__table__)
+_patients = cast(Table, Patient.__table__)
+#: The claimed rows, in the order of Due's fields.
+_DUE = (
+    select(
+        *(
+            _table.c[name]
+            for name in (
+                "id",
+                "kind",
+                "rule",
+                "phone_e164",
+                "due_at",
+                "send_by",
+                "clinic_id",
+                "appointment_id",
+                "appointment_starts_at",
+            )
+        ),
+        *(
+            _appointments.c[name]
+            for name in (
+                "status",
+                "confirmation",
+                "starts_at",
+                "link_token",
+                "practitioner",
+                "location",
+            )
+        ),
+        _patients.c.phone_e164.label("patient_phone"),
+        _patients.c.sms_capable,
+        _patients.c.language,
+    )
+    .select_from(
+        _table.outerjoin(_appointments, _appointments.c.id == _table.c.appointment_id).outerjoin(
+            _patients, _patients.c.id == _appointments.c.patient_id
+        )
+    )
+    .where(_table.c.id.in_(bindparam("ids", expanding=True)))
+    .order_by(_table.c.id)
+)
+
+
 @dataclass
 class _Loaded:
     """What one batch needs to re-check and render its reminders, read in a few queries."""
 
-    reminders: list[tuple[Reminder, Clinic]]
+    reminders: list[tuple[Due, Clinic]]
     templates: dict[tuple[int, str, str], str]
     opted_out: set[tuple[str, str]]
     # (appointment id, start) -> due times of the sends still due, in flight or gone out
@@ -294,36 +374,36 @@ def opted_out(session: Session, phone: str, sender: str) -> bool:
     return found is not None
 
 
-def _target_phone(reminder: Reminder) -> str:
-    """Where a send goes: the patient's number as of now for reminders, the asker's for answers."""
-    appointment = reminder.appointment
-    if appointment is not None and reminder.kind not in ANSWER_KINDS:
-        return appointment.patient.phone_e164 or reminder.phone_e164
-    return reminder.phone_e164
+def load_due(session: Session, ids: Sequence[int]) -> list[Due]:
+    """The reminders `ids` with their appointment and patient, by id."""
+    rows: Iterable[tuple[Any, ...]] = session.execute(_DUE, {"ids": list(ids)})
+    return [Due(*row) for row in rows]
 
 
 def _load(session: Session, ids: list[int], now: dt.datetime) -> _Loaded:
-    rows = session.execute(
-        select(Reminder, Clinic)
-        .join(Clinic, Clinic.id == Reminder.clinic_id)
-        .where(Reminder.id.in_(ids))
-        .options(joinedload(Reminder.appointment))
-        .order_by(Reminder.id)
-    )
-    reminders = [(r, c) for r, c in rows.unique()]
-    clinic_ids = {c.id for _, c in reminders}
-    templates = {
-        (t.clinic_id, t.kind, t.language): t.source
-        for t in session.scalars(select(Template).where(Template.clinic_id.in_(clinic_ids)))
+    due = load_due(session, ids)
+    clinics = {
+        c.id: c
+        for c in session.scalars(select(Clinic).where(Clinic.id.in_({d.clinic_id for d in due})))
     }
-    phones = {_target_phone(r) for r, _ in reminders}
+    reminders = [(d, clinics[d.clinic_id]) for d in due]
+    templates = {
+        (clinic_id, kind, language): source
+        for clinic_id, kind, language, source in session.execute(
+            select(Template.clinic_id, Template.kind, Template.language, Template.source).where(
+                Template.clinic_id.in_(clinics)
+            )
+        )
+    }
     opted = {
         (phone, sender)
         for phone, sender in session.execute(
-            select(OptOut.phone_e164, OptOut.sender).where(OptOut.phone_e164.in_(phones))
+            select(OptOut.phone_e164, OptOut.sender).where(
+                OptOut.phone_e164.in_({d.target_phone for d in due})
+            )
         )
     }
-    appointment_ids = {r.appointment_id for r, _ in reminders if r.kind not in ANSWER_KINDS}
+    appointment_ids = {d.appointment_id for d in due if d.kind not in ANSWER_KINDS}
     pending: dict[tuple[int | None, dt.datetime | None], list[dt.datetime]] = {}
     if appointment_ids:
         siblings = session.execute(
@@ -339,59 +419,57 @@ def _load(session: Session, ids: list[int], now: dt.datetime) -> _Loaded:
     return _Loaded(reminders, templates, opted, pending, sending_stopped(session, now) is not None)
 
 
-def _skip_reason(
-    loaded: _Loaded, reminder: Reminder, clinic: Clinic, now: dt.datetime
-) -> str | None:
+def _skip_reason(loaded: _Loaded, due: Due, clinic: Clinic, now: dt.datetime) -> str | None:
     """Why this reminder must not go out now, re-checked at send time (DESIGN rule 3)."""
     sender = sender_of(clinic)
-    if reminder.kind in ANSWER_KINDS:
+    if due.kind in ANSWER_KINDS:
         # The patient wrote to us: answer at any hour, but not late, and not after a STOP
         # (the opt-out confirmation itself excepted).
-        if reminder.send_by - now < MIN_TTL:
+        if due.send_by - now < MIN_TTL:
             return "deadline"
-        if reminder.kind != "opted_out" and (reminder.phone_e164, sender) in loaded.opted_out:
+        if due.kind != "opted_out" and (due.phone_e164, sender) in loaded.opted_out:
             return "opted_out"
         return None
-    appointment = reminder.appointment
-    assert appointment is not None
-    patient = appointment.patient
-    if appointment.status != "booked" or appointment.confirmation == "cancelled_by_patient":
+    assert due.appointment_id is not None
+    if due.status != "booked" or due.confirmation == "cancelled_by_patient":
         return "cancelled"
-    if reminder.appointment_starts_at != appointment.starts_at:
+    if due.appointment_starts_at != due.starts_at:
         return "moved"
-    if reminder.rule.endswith(":unconfirmed") and appointment.confirmation != "unconfirmed":
+    if due.rule.endswith(":unconfirmed") and due.confirmation != "unconfirmed":
         return "confirmed"
-    if not patient.sms_capable or patient.phone_e164 is None:
+    if not due.sms_capable or due.patient_phone is None:
         return "not_sms_capable"
-    if reminder.send_by - now < MIN_TTL:
+    if due.send_by - now < MIN_TTL:
         return "deadline"
     # A later send for the same booking is due too (we were down, or paused): only the latest
     # goes, never a burst.
-    due = loaded.pending_due.get((appointment.id, reminder.appointment_starts_at), [])
-    if any(other > reminder.due_at for other in due):
+    others = loaded.pending_due.get((due.appointment_id, due.appointment_starts_at), [])
+    if any(other > due.due_at for other in others):
         return "superseded"
-    if (patient.phone_e164, sender) in loaded.opted_out:
+    if (due.patient_phone, sender) in loaded.opted_out:
         return "opted_out"
     return None
 
 
-def _check(
-    loaded: _Loaded, reminder: Reminder, clinic: Clinic, now: dt.datetime
-) -> str | dt.datetime | None:
+def _check(loaded: _Loaded, due: Due, clinic: Clinic, now: dt.datetime) -> str | dt.datetime | None:
     """None to send now; a reason to skip; or the time to wait for (quiet hours)."""
-    reason = _skip_reason(loaded, reminder, clinic, now)
-    if reason is not None or reminder.kind in ANSWER_KINDS:
+    reason = _skip_reason(loaded, due, clinic, now)
+    if reason is not None or due.kind in ANSWER_KINDS:
         return reason
-    timing = clinic_timing(clinic)
+    timing = schedule.clinic_timing(clinic)
     if schedule.in_quiet_hours(now, timing.zone, timing.quiet):
         later = schedule.quiet_end_after(now, timing.zone, timing.quiet)
-        return "quiet_hours" if later > reminder.send_by else later
+        return "quiet_hours" if later > due.send_by else later
     return None
+
+
+def _language(due: Due, clinic: Clinic) -> str:
+    return due.language if due.language is not None else clinic.language
 
 
 def render(
     session: Session,
-    reminder: Reminder,
+    due: Due,
     clinic: Clinic,
     settings: Settings,
     now: dt.datetime,
@@ -399,43 +477,39 @@ def render(
 ) -> str:
     """The SMS text: the clinic's own template `source` for this kind and language, else the
     built-in one."""
-    appointment = reminder.appointment
-    language = appointment.patient.language if appointment is not None else clinic.language
     old_start = None
-    if reminder.kind == "moved" and appointment is not None:
+    if due.kind == "moved" and due.appointment_id is not None:
         old_start = session.scalar(
             select(Reminder.appointment_starts_at)
             .where(
-                Reminder.appointment_id == appointment.id,
-                Reminder.appointment_starts_at != appointment.starts_at,
+                Reminder.appointment_id == due.appointment_id,
+                Reminder.appointment_starts_at != due.starts_at,
                 Reminder.status.in_(WENT_OUT),
             )
             .order_by(Reminder.id.desc())
             .limit(1)
         )
-    token = appointment.link_token if appointment is not None else None
+    token = due.link_token
     context = texts.MessageContext(
         clinic=clinic.name,
         timezone=clinic.timezone,
-        language=language,
-        starts_at=appointment.starts_at if appointment is not None else now,
+        language=_language(due, clinic),
+        starts_at=due.starts_at or now,
         link=f"{settings.public_url}/c/{token}" if token else settings.public_url,
         two_way=sender_of(clinic).startswith("+"),
-        practitioner=appointment.practitioner if appointment is not None else None,
-        location=appointment.location if appointment is not None else None,
+        practitioner=due.practitioner,
+        location=due.location,
         old_starts_at=old_start,
-        decision=reminder.rule.partition(":")[2] if reminder.kind == "ack" else None,
+        decision=due.rule.partition(":")[2] if due.kind == "ack" else None,
     )
-    text: str = texts.render(reminder.kind, context, source)
+    text: str = texts.render(due.kind, context, source)
     return text
 
 
-def _template(loaded: _Loaded, reminder: Reminder, clinic: Clinic) -> str | None:
-    if reminder.kind not in texts.TEMPLATE_KINDS:
+def _template(loaded: _Loaded, due: Due, clinic: Clinic) -> str | None:
+    if due.kind not in texts.TEMPLATE_KINDS:
         return None
-    appointment = reminder.appointment
-    language = appointment.patient.language if appointment is not None else clinic.language
-    return loaded.templates.get((clinic.id, reminder.kind, language))
+    return loaded.templates.get((clinic.id, due.kind, _language(due, clinic)))
 
 
 def _update_each(session: Session, rows: list[dict[str, Any]], **values: Any) -> None:
@@ -473,31 +547,31 @@ def prepare_batch(
     skipped: list[dict[str, Any]] = []
     waiting: list[dict[str, Any]] = []
     marked: list[dict[str, Any]] = []
-    for reminder, clinic in loaded.reminders:
-        check = _check(loaded, reminder, clinic, now)
+    for due, clinic in loaded.reminders:
+        check = _check(loaded, due, clinic, now)
         if isinstance(check, str):
-            skipped.append({"b_id": reminder.id, "b_reason": check})
-            results[reminder.id] = check
+            skipped.append({"b_id": due.id, "b_reason": check})
+            results[due.id] = check
             continue
-        paused = clinic.paused and reminder.kind not in ANSWER_KINDS
+        paused = clinic.paused and due.kind not in ANSWER_KINDS
         if paused or loaded.stopped or check is not None:
             # It waits (within its deadline): for the clinic, the provider, or the morning.
-            waiting.append({"b_id": reminder.id, "b_due": check or reminder.due_at})
-            results[reminder.id] = "quiet_hours" if check is not None else "waiting"
+            waiting.append({"b_id": due.id, "b_due": check or due.due_at})
+            results[due.id] = "quiet_hours" if check is not None else "waiting"
             continue
-        text = render(session, reminder, clinic, settings, now, _template(loaded, reminder, clinic))
+        text = render(session, due, clinic, settings, now, _template(loaded, due, clinic))
         segments = texts.count_segments(text)
-        phone = _target_phone(reminder)
+        phone = due.target_phone
         marked.append(
             {
-                "b_id": reminder.id,
+                "b_id": due.id,
                 "b_text": text,
                 "b_encoding": segments.encoding,
                 "b_segments": segments.count,
                 "b_phone": phone,
             }
         )
-        prepared.append(Prepared(reminder.id, phone, sender_of(clinic), text, reminder.send_by))
+        prepared.append(Prepared(due.id, phone, sender_of(clinic), text, due.send_by))
     _update_each(session, skipped, status="skipped", skip_reason=bindparam("b_reason"))
     _update_each(session, waiting, status="planned", due_at=bindparam("b_due"))
     _update_each(

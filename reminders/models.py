@@ -32,6 +32,8 @@ OUTCOMES = ("attended", "no_show", "cancelled_late")
 REMINDER_STATUSES = ("planned", "queued", "sending", "unknown", "sent", "skipped", "failed")
 # SMS that answer a patient (not reminders): sent at any hour, even for a paused clinic.
 ANSWER_KINDS = ("ack", "opted_out", "opted_in", "unclear")
+# Statuses of a reminder that went out, or may have: the patient may rely on what it said.
+WENT_OUT = ("sent", "sending", "unknown")
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:

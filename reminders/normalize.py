@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-import langcodes
 import phonenumbers
 from phonenumbers import PhoneNumberType
 
@@ -61,6 +60,8 @@ def canonical_language(tag: str) -> str:
 
     Raises ValueError when it is not a valid tag.
     """
+    import langcodes  # only intake needs it: the worker starts faster without its tables
+
     cleaned = tag.strip().replace("_", "-")
     if not cleaned or len(cleaned) > 35 or not langcodes.tag_is_valid(cleaned):
         raise ValueError(f"{tag!r} is not a valid BCP 47 language tag or ISO 639 code")
@@ -69,6 +70,8 @@ def canonical_language(tag: str) -> str:
 
 def base_language(tag: str) -> str | None:
     """The language subtag of a valid tag (`zh-Hans-CN` -> `zh`), None for `und`."""
+    import langcodes
+
     language: str | None = langcodes.Language.get(canonical_language(tag)).language
     return language
 

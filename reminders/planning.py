@@ -10,7 +10,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import psycopg
 from psycopg import sql
@@ -38,13 +37,10 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from reminders import schedule
 from reminders.db import Base
-from reminders.models import Appointment, Clinic, Patient, Reminder
+from reminders.models import WENT_OUT, Appointment, Clinic, Patient, Reminder
 from reminders.normalize import choose_language, parse_phone
 from reminders.schemas import AppointmentIn, BatchItem, PatientIn, Result, check_external_id
 from reminders.security import in_holdout, link_token
-
-# Statuses of a reminder that went out, or may have: the patient may rely on what it said.
-WENT_OUT = ("sent", "sending", "unknown")
 
 
 class IntakeError(ValueError):
@@ -117,7 +113,7 @@ class Intake:
         self.clinic = clinic
         self.now = now
         self.secret = secret
-        self.timing = clinic_timing(clinic)
+        self.timing = schedule.clinic_timing(clinic)
         self._patients: dict[str, Patient | None] = {}
         self._appointments: dict[str, Appointment | None] = {}
         # New rows are inserted in bulk by finish(): plain dicts, no ORM objects (3x faster).
@@ -619,33 +615,6 @@ def _planned(
 ) -> tuple[schedule.Planned, ...]:
     """schedule.plan, remembered: an import (one `now`) books the same slots many times."""
     return tuple(schedule.plan(starts_at, now, timing, moved=moved))
-
-
-def clinic_timing(clinic: Clinic) -> schedule.Timing:
-    """A clinic's rules, time zone, quiet hours and deadline, as the planner needs them."""
-    return _timing(
-        clinic.rules, clinic.timezone, clinic.quiet_start, clinic.quiet_end, clinic.deadline_minutes
-    )
-
-
-@lru_cache(maxsize=256)
-def _timing(
-    rules: str,
-    timezone: str,
-    quiet_start: dt.time | None,
-    quiet_end: dt.time | None,
-    deadline_minutes: int,
-) -> schedule.Timing:
-    """One Timing per set of settings: its hash is computed once (see _planned)."""
-    quiet = None
-    if quiet_start is not None and quiet_end is not None:
-        quiet = (quiet_start, quiet_end)
-    return schedule.Timing(
-        rules=schedule.parse_rules(rules),
-        zone=ZoneInfo(timezone),
-        quiet=quiet,
-        deadline=dt.timedelta(minutes=deadline_minutes),
-    )
 
 
 # From this many new rows of a table, finish() writes them with COPY on PostgreSQL.

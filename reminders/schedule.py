@@ -6,6 +6,7 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Protocol
 from zoneinfo import ZoneInfo
 
 _DURATION = re.compile(r"^\s*(\d{1,5})\s*(m|min|h|d)\s*$", re.IGNORECASE)
@@ -172,6 +173,43 @@ class Timing:
             cached = hash((self.rules, self.zone, self.quiet, self.deadline))
             object.__setattr__(self, "_hash", cached)
         return cached
+
+
+class ClinicTimingSettings(Protocol):
+    """The columns of a clinic that make its Timing (a Clinic row, without importing models)."""
+
+    rules: str
+    timezone: str
+    quiet_start: dt.time | None
+    quiet_end: dt.time | None
+    deadline_minutes: int
+
+
+def clinic_timing(clinic: ClinicTimingSettings) -> Timing:
+    """A clinic's rules, time zone, quiet hours and deadline, as the planner needs them."""
+    return _timing(
+        clinic.rules, clinic.timezone, clinic.quiet_start, clinic.quiet_end, clinic.deadline_minutes
+    )
+
+
+@lru_cache(maxsize=256)
+def _timing(
+    rules: str,
+    timezone: str,
+    quiet_start: dt.time | None,
+    quiet_end: dt.time | None,
+    deadline_minutes: int,
+) -> Timing:
+    """One Timing per set of settings: its hash is computed once (see planning._planned)."""
+    quiet = None
+    if quiet_start is not None and quiet_end is not None:
+        quiet = (quiet_start, quiet_end)
+    return Timing(
+        rules=parse_rules(rules),
+        zone=ZoneInfo(timezone),
+        quiet=quiet,
+        deadline=dt.timedelta(minutes=deadline_minutes),
+    )
 
 
 def place(

@@ -291,13 +291,14 @@ def rendered() -> str:
     from reminders.config import get_settings
 
     with db.session_scope() as session:
-        reminder = session.scalars(select(Reminder).order_by(Reminder.id)).first()
-        assert reminder is not None
-        assert reminder.appointment is not None
-        clinic = session.get(Clinic, reminder.clinic_id)
+        first = session.scalars(select(Reminder.id).order_by(Reminder.id)).first()
+        assert first is not None
+        (due,) = dispatch.load_due(session, [first])
+        assert due.appointment_id is not None
+        clinic = session.get(Clinic, due.clinic_id)
         assert clinic is not None
         now = dt.datetime.now(dt.UTC)
-        return dispatch.render(session, reminder, clinic, get_settings(), now, None)
+        return dispatch.render(session, due, clinic, get_settings(), now, None)
 
 
 # -- nothing identifying in the logs ------------------------------------------------------------
