@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from alembic import command
 from reminders import db
@@ -61,6 +62,21 @@ def test_the_migrations_go_down_and_up_again(empty_engine: sa.Engine) -> None:
     assert set(sa.inspect(empty_engine).get_table_names()) <= {"alembic_version"}
     db.migrate(empty_engine)
     assert differences(empty_engine) == []
+
+
+def test_the_schema_head_the_daemons_check_is_the_newest_migration(
+    empty_engine: sa.Engine,
+) -> None:
+    """Daemons compare the database with db.SCHEMA_HEAD (no alembic import at start): a new
+    migration must update it, or every daemon would refuse the migrated database."""
+    heads = ScriptDirectory.from_config(db.alembic_config()).get_heads()
+    assert heads == [db.SCHEMA_HEAD]
+    assert not db.schema_is_current(empty_engine)  # no alembic_version table yet
+    db.migrate(empty_engine)
+    with empty_engine.connect() as connection:
+        stamped = MigrationContext.configure(connection).get_current_revision()
+    assert stamped == db.SCHEMA_HEAD
+    assert db.schema_is_current(empty_engine)
 
 
 def test_migrating_twice_is_harmless(empty_engine: sa.Engine) -> None:
