@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import date, datetime, time
 from functools import lru_cache
 from itertools import product
 from typing import Any, Literal
@@ -246,15 +246,26 @@ class MessageContext:
 
 
 def _when(moment: datetime | None, ctx: MessageContext) -> tuple[str, str, str]:
+    """Date, time and weekday of `moment` in the clinic's zone and the patient's language."""
     if moment is None:
         return "", "", ""
     local = moment.astimezone(ZoneInfo(ctx.timezone))
-    lang = ctx.language
-    return (
-        format_date(local, _TEXTS[lang]["date"], locale=lang),
-        format_time(local, "short", tzinfo=local.tzinfo, locale=lang),
-        format_date(local, "EEEE", locale=lang),
+    day, weekday = _day_words(local.date(), ctx.language)
+    return day, _time_words(local.time(), ctx.language), weekday
+
+
+# Babel's formatting is a sizeable share of a worker's CPU per SMS, and appointments share their
+# days and slot times: each is formatted once per language.
+@lru_cache(maxsize=4096)
+def _day_words(day: date, lang: str) -> tuple[str, str]:
+    return format_date(day, _TEXTS[lang]["date"], locale=lang), format_date(
+        day, "EEEE", locale=lang
     )
+
+
+@lru_cache(maxsize=4096)
+def _time_words(at: time, lang: str) -> str:
+    return format_time(at, "short", locale=lang)
 
 
 def variables(ctx: MessageContext) -> dict[str, Any]:
