@@ -26,7 +26,7 @@ from sqlalchemy.exc import OperationalError
 from uvicorn.supervisors import Multiprocess
 
 from reminders import actors, broker, clinics, db, dispatch, scheduler, texts
-from reminders.broker import QUEUE, WEBHOOK_QUEUE
+from reminders.broker import QUEUE, QUEUES, REPLIES_QUEUE, WEBHOOK_QUEUE
 from reminders.config import ConfigError, Settings, get_settings
 from reminders.models import Clinic
 from reminders.security import secret_key
@@ -122,7 +122,7 @@ def _worker(broker: dramatiq.Broker, threads: int) -> dramatiq.Worker:
     # In-process queues are cheap to poll: a short timeout makes stopping quick.
     timeout = 100 if isinstance(broker, StubBroker) else 1000
     worker = dramatiq.Worker(
-        broker, worker_threads=threads, queues={QUEUE, WEBHOOK_QUEUE}, worker_timeout=timeout
+        broker, worker_threads=threads, queues=set(QUEUES), worker_timeout=timeout
     )
     worker.start()
     return worker
@@ -248,6 +248,7 @@ def tick(
     scheduler.queue_reports(clock)
     if running is not None:
         assert isinstance(broker, StubBroker)
+        broker.join(REPLIES_QUEUE, fail_fast=False)  # its answers go to QUEUE
         broker.join(QUEUE, fail_fast=False)
         broker.join(WEBHOOK_QUEUE, fail_fast=False)
         running.join()

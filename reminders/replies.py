@@ -8,22 +8,28 @@ may still become a cancellation, and a patient's cancellation is final.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+import logging
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any, Literal, cast
 
-from sqlalchemy import Table, Update, bindparam, delete, func, inspect, select, update
+from sqlalchemy import Row, Table, Update, bindparam, delete, exists, func, inspect, select, update
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
-from sqlalchemy.sql.dml import ReturningInsert
+from sqlalchemy.sql import Select
+from sqlalchemy.sql.dml import ReturningInsert, ReturningUpdate
 
 from reminders import events, grammar
-from reminders.db import Base, UTCDateTime
+from reminders.db import Base, UTCDateTime, session_scope
 from reminders.models import Appointment, Clinic, InboundMessage, OptOut, Reminder
 from reminders.planning import drop_pending
+from reminders.sms import mask_phone
+
+log = logging.getLogger(__name__)
 
 Action = Literal["confirm", "cancel"]
 Source = Literal["link", "sms", "staff"]
@@ -227,16 +233,15 @@ class Handled:
 
 
 MAX_TEXT = 1600  # what we keep of a reply; longer texts are someone writing a letter
+APPLY_BATCH = 50  # stored replies applied per transaction
+# A reply stored this long and still not applied: its queue message was lost (the sweep's cue).
+PENDING_STALE = dt.timedelta(seconds=30)
 
 
-def receive(session: Session, message: Inbound, now: dt.datetime) -> Handled:
-    """Stores an inbound SMS once (by provider message id) and applies it when complete."""
-    if session.get_bind().dialect.name == "postgresql" and message.concat_ref:
-        # Parts of one message arrive in parallel: one transaction at a time assembles them.
-        key = f"{message.msisdn}:{message.concat_ref}"
-        session.execute(select(func.pg_advisory_xact_lock(func.hashtext(key))))
-    # Stored first, in one statement: a retry (even a concurrent one) finds it and stops here.
-    row_id = _inserted_once(
+def store(session: Session, message: Inbound) -> int | None:
+    """Stores an inbound SMS once per provider message id, to be applied by a worker; returns
+    its row id, or None when that id was stored already (a retry, even a concurrent one)."""
+    return _inserted_once(
         session,
         InboundMessage,
         ("provider_message_id",),
@@ -251,49 +256,217 @@ def receive(session: Session, message: Inbound, now: dt.datetime) -> Handled:
             "received_at": message.received_at,
         },
     )
-    if row_id is None:
-        return Handled("duplicate", [])
-    text = _assembled(session, message)
-    if text is None:
-        _settle(session, row_id, result="part")
-        return Handled("part", [])
-    handled = apply_reply(session, message.msisdn, message.to, text, now)
-    _settle(
-        session,
-        row_id,
-        result=handled.result,
-        applied_at=now,
-        clinic_id=handled.clinic_id,
-        appointment_id=handled.appointment_id,
+
+
+@cache
+def _claim_statement(dialect: str) -> Select[Any] | ReturningUpdate[Any]:
+    """Takes the oldest stored replies not yet applied, at most one per number: the oldest
+    of each number, so a number's replies apply one at a time in the order they came (a later
+    one waits while an earlier one is being applied elsewhere, uncommitted, as that one still
+    counts as waiting).
+
+    PostgreSQL: a SELECT ... FOR UPDATE SKIP LOCKED, skipping rows another worker holds (not an
+    UPDATE ... WHERE id IN (that SELECT): planned as a nested loop, it runs the SELECT again for
+    each row and took more rows than its LIMIT). SQLite, which has no row locks: an UPDATE,
+    whose write lock on the database holds for the whole applying transaction."""
+    table = _table(InboundMessage)
+    earlier = table.alias("earlier")
+    columns = (
+        table.c.id,
+        table.c.msisdn,
+        table.c.to_number,
+        table.c.text,
+        table.c.concat_ref,
+        table.c.concat_total,
+        table.c.concat_part,
+        table.c.received_at,
     )
-    return handled
+    oldest = (
+        select(*columns)
+        .where(
+            table.c.result.is_(None),
+            ~exists().where(
+                earlier.c.result.is_(None),
+                earlier.c.msisdn == table.c.msisdn,
+                earlier.c.id < table.c.id,
+            ),
+        )
+        .order_by(table.c.id)
+        .limit(bindparam("limit"))
+    )
+    if dialect == "postgresql":
+        return oldest.with_for_update(skip_locked=True, of=table)
+    ids = oldest.with_only_columns(table.c.id).correlate(None).scalar_subquery()
+    return (
+        update(table)
+        .where(table.c.id.in_(ids), table.c.result.is_(None))
+        .values(applied_at=bindparam("now", type_=UTCDateTime()))
+        .returning(*columns)
+    )
 
 
 _SETTLE = update(_table(InboundMessage)).where(_table(InboundMessage).c.id == bindparam("row_id"))
 
 
-def _settle(session: Session, row_id: int, **values: object) -> None:
-    session.execute(_SETTLE, {"row_id": row_id, **values})
+@dataclass(frozen=True)
+class Applied:
+    rows: int  # stored replies taken in this transaction
+    answers: list[int]  # answer SMS queued, to send after commit
 
 
-def _assembled(session: Session, message: Inbound) -> str | None:
-    """The whole text once every part is here (None while some are missing)."""
-    if not message.concat_ref or not message.concat_total or message.concat_total <= 1:
-        return message.text[:MAX_TEXT]
-    parts = list(
+def apply_stored(session: Session, now: dt.datetime, limit: int = APPLY_BATCH) -> Applied | None:
+    """Applies up to `limit` stored replies (see `_claim_statement`) in the caller's
+    transaction and records each one's result on its row; None when none was waiting."""
+    rows = _claim(session, now, limit)
+    if not rows:
+        return None
+    return Applied(len(rows), _apply_claimed(session, rows, now))
+
+
+def _claim(session: Session, now: dt.datetime, limit: int) -> list[Row[Any]]:
+    dialect = session.get_bind().dialect.name
+    values: dict[str, object] = {"limit": limit}
+    if dialect != "postgresql":
+        values["now"] = now
+    claimed = session.execute(_claim_statement(dialect), values)
+    return sorted(claimed, key=lambda row: int(row.id))
+
+
+def _apply_claimed(session: Session, rows: list[Row[Any]], now: dt.datetime) -> list[int]:
+    """Each reply is applied at the time it was received: its decision, events and answers
+    are those of that moment (a cancellation sent before the appointment started counts)."""
+    answers: list[int] = []
+    settled: list[dict[str, object]] = []
+    for row in rows:
+        text = _assembled(session, row, now)
+        if text is None:  # a part: its row waits (no applied_at) for the rest of the message
+            settled.append(_settled(row.id, "part", None))
+            continue
+        handled = apply_reply(session, row.msisdn, row.to_number, text, row.received_at)
+        answers += handled.answers
+        settled.append(_settled(row.id, handled.result, now, handled))
+        log.info("SMS from %s: %s", mask_phone(row.msisdn), handled.result)
+    session.execute(_SETTLE, settled)
+    return answers
+
+
+def _settled(
+    row_id: int, result: str, applied_at: dt.datetime | None, handled: Handled | None = None
+) -> dict[str, object]:
+    return {
+        "row_id": row_id,
+        "result": result,
+        "applied_at": applied_at,
+        "clinic_id": handled.clinic_id if handled is not None else None,
+        "appointment_id": handled.appointment_id if handled is not None else None,
+    }
+
+
+def apply_waiting(
+    clock: Callable[[], dt.datetime],
+    answered: Callable[[list[int]], None],
+    seconds: float = 60.0,
+) -> bool:
+    """Applies stored replies batch after batch, one transaction each, passing each batch's
+    answers to `answered` once committed, until none waits (True) or `seconds` have passed
+    (False: the caller queues the rest). A batch that raises is taken again one reply at a
+    time, and a reply that raises alone is recorded as `error` (logged), so that one reply
+    that cannot be applied never holds up its number's later ones."""
+    deadline = time.monotonic() + seconds
+    alone = 0  # replies still to take one at a time after a batch raised
+    while time.monotonic() < deadline:
+        try:
+            applied = _apply_batch(clock, 1 if alone else APPLY_BATCH)
+        except Exception:
+            if alone:
+                raise  # even one reply at a time fails (the database?): dramatiq retries
+            log.warning("a batch of replies failed; applying them one at a time", exc_info=True)
+            alone = APPLY_BATCH
+            continue
+        if applied is None:
+            return True
+        alone = max(0, alone - applied.rows)
+        answered(applied.answers)
+    return False
+
+
+def _apply_batch(clock: Callable[[], dt.datetime], limit: int) -> Applied | None:
+    """One transaction of `apply_stored`; a single reply that raises is given up."""
+    taken: list[int] = []
+    try:
+        with session_scope() as session:
+            now = clock()
+            rows = _claim(session, now, limit)
+            taken = [row.id for row in rows]
+            if not rows:
+                return None
+            answers = _apply_claimed(session, rows, now)
+    except Exception:
+        if len(taken) != 1:
+            raise
+        _give_up(taken[0], clock())
+        return Applied(1, [])
+    return Applied(len(taken), answers)
+
+
+_GIVE_UP = (
+    update(_table(InboundMessage))
+    .where(
+        _table(InboundMessage).c.id == bindparam("row_id"),
+        _table(InboundMessage).c.result.is_(None),
+    )
+    .values(result="error", applied_at=bindparam("now", type_=UTCDateTime()))
+)
+
+
+def _give_up(row_id: int, now: dt.datetime) -> None:
+    log.exception("inbound SMS %d could not be applied; recorded as `error`", row_id)
+    with session_scope() as session:
+        session.execute(_GIVE_UP, {"row_id": row_id, "now": now})
+
+
+def stale(session: Session, now: dt.datetime) -> int:
+    """How many stored replies still wait to be applied `PENDING_STALE` after they came (their
+    queue message was lost, or no worker runs): the scheduler's sweep queues them again."""
+    table = _table(InboundMessage)
+    found = session.scalar(
+        select(func.count())
+        .select_from(table)
+        .where(table.c.result.is_(None), table.c.received_at < now - PENDING_STALE)
+    )
+    return int(found or 0)
+
+
+_USED_PARTS = update(_table(InboundMessage)).where(
+    _table(InboundMessage).c.id.in_(bindparam("ids", expanding=True))
+)
+
+
+def _assembled(session: Session, row: Row[Any], now: dt.datetime) -> str | None:
+    """The whole text once every part is here (None while some are missing). Parts wait as
+    `part` rows without `applied_at`; the one that completes the message carries its result,
+    and the others are then marked applied, so a reused `concat-ref` starts afresh."""
+    total = row.concat_total
+    if not row.concat_ref or not total or total <= 1:
+        return str(row.text)
+    waiting = list(
         session.execute(
-            select(InboundMessage.concat_part, InboundMessage.text)
+            select(InboundMessage.id, InboundMessage.concat_part, InboundMessage.text)
             .where(
-                InboundMessage.msisdn == message.msisdn,
-                InboundMessage.concat_ref == message.concat_ref,
+                InboundMessage.msisdn == row.msisdn,
+                InboundMessage.concat_ref == row.concat_ref,
+                InboundMessage.concat_total == total,
+                InboundMessage.result == "part",
+                InboundMessage.applied_at.is_(None),
             )
-            .order_by(InboundMessage.concat_part)
+            .order_by(InboundMessage.id)
         )
     )
-    numbers = {p.concat_part for p in parts}
-    if numbers != set(range(1, message.concat_total + 1)):
+    parts = {part.concat_part: part.text for part in waiting} | {row.concat_part: row.text}
+    if set(parts) != set(range(1, total + 1)):
         return None
-    return "".join(p.text for p in parts)[:MAX_TEXT]
+    session.execute(_USED_PARTS, {"ids": [part.id for part in waiting], "applied_at": now})
+    return "".join(parts[number] for number in range(1, total + 1))[:MAX_TEXT]
 
 
 _LATEST_REMINDED = (
