@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -234,6 +235,7 @@ class Handled:
 
 MAX_TEXT = 1600  # what we keep of a reply; longer texts are someone writing a letter
 APPLY_BATCH = 50  # stored replies applied per transaction
+GATHER = 0.1  # seconds to let replies gather into a batch (see `drain`)
 # A reply stored this long and still not applied: its queue message was lost (the sweep's cue).
 PENDING_STALE = dt.timedelta(seconds=30)
 
@@ -362,19 +364,84 @@ def _settled(
     }
 
 
+class _Applier:
+    """At most one thread of a process applies stored replies at a time. A queue message that
+    comes meanwhile only marks that it came (no query): the applying thread looks once more
+    before it stops, and that look finds the message's reply, stored before it was queued."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = False
+        self._called = False
+
+    def enter(self) -> bool:
+        """True: this thread applies; False: another one does, and will look once more."""
+        with self._lock:
+            if self._running:
+                self._called = True
+                return False
+            self._running, self._called = True, False
+            return True
+
+    def forget_calls(self) -> None:
+        """Before a look: the replies of the messages so far are committed, so it sees them."""
+        with self._lock:
+            self._called = False
+
+    def leave(self, unless_called: bool = False) -> bool:
+        """Stops applying (True), or, with `unless_called`, not if a message came since the
+        last look began (False: look again)."""
+        with self._lock:
+            if unless_called and self._called:
+                self._called = False
+                return False
+            self._running = False
+            return True
+
+
+_APPLIER = _Applier()
+
+
 def apply_waiting(
     clock: Callable[[], dt.datetime],
     answered: Callable[[list[int]], None],
     seconds: float = 60.0,
 ) -> bool:
+    """What a queue message asks: apply the stored replies (`drain`), unless another thread of
+    this process is applying them already. False when the caller must queue one more message
+    (`seconds` passed and some may still wait)."""
+    if not _APPLIER.enter():
+        return True
+    try:
+        drained = drain(clock, answered, seconds, _APPLIER)
+    except BaseException:
+        _APPLIER.leave()
+        raise
+    if not drained:
+        _APPLIER.leave()
+    return drained
+
+
+def drain(
+    clock: Callable[[], dt.datetime],
+    answered: Callable[[list[int]], None],
+    seconds: float = 60.0,
+    applier: _Applier | None = None,
+) -> bool:
     """Applies stored replies batch after batch, one transaction each, passing each batch's
-    answers to `answered` once committed, until none waits (True) or `seconds` have passed
-    (False: the caller queues the rest). A batch that raises is taken again one reply at a
-    time, and a reply that raises alone is recorded as `error` (logged), so that one reply
-    that cannot be applied never holds up its number's later ones."""
+    answers to `answered` once committed, until a look finds none (True; with `applier`, also
+    none announced since, and it is left) or `seconds` have passed (False).
+
+    After a batch smaller than APPLY_BATCH it waits GATHER seconds, so that under a steady
+    flow the next replies come together into one batch (a batch costs a few statements more
+    than its replies; its answers go in one `send_reminders` message). A batch that raises is
+    taken again one reply at a time, and a reply that raises alone is recorded as `error`
+    (logged), so that one reply that cannot be applied never holds up its number's later ones."""
     deadline = time.monotonic() + seconds
     alone = 0  # replies still to take one at a time after a batch raised
     while time.monotonic() < deadline:
+        if applier is not None:
+            applier.forget_calls()
         try:
             applied = _apply_batch(clock, 1 if alone else APPLY_BATCH)
         except Exception:
@@ -384,9 +451,13 @@ def apply_waiting(
             alone = APPLY_BATCH
             continue
         if applied is None:
-            return True
+            if applier is None or applier.leave(unless_called=True):
+                return True
+            continue
         alone = max(0, alone - applied.rows)
         answered(applied.answers)
+        if applied.rows < APPLY_BATCH and not alone:
+            time.sleep(GATHER)  # letting the next replies gather into one batch
     return False
 
 

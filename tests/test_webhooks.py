@@ -428,8 +428,8 @@ def test_concurrent_workers_apply_each_numbers_replies_once_and_in_order(vonage:
         vonage.broker.flush(REPLIES_QUEUE)
         answered: list[int] = []
 
-        def work(_: int) -> bool:
-            return replies.apply_waiting(lambda: dt.datetime.now(dt.UTC), answered.extend)
+        def work(_: int) -> bool:  # as four worker processes would
+            return replies.drain(lambda: dt.datetime.now(dt.UTC), answered.extend)
 
         with ThreadPoolExecutor(max_workers=4) as pool:
             assert all(pool.map(work, range(4)))
@@ -438,6 +438,28 @@ def test_concurrent_workers_apply_each_numbers_replies_once_and_in_order(vonage:
         assert [result_of(f"{n}-{i}") for i in range(8)] == expected
     assert len(event_types()) == 40
     assert len(answered) == len(set(answered)) == 40
+
+
+def test_a_message_that_comes_while_replies_are_being_applied_costs_no_query(
+    vonage: Vonage,
+) -> None:
+    """One thread of a process applies; a message that comes meanwhile only makes it look
+    once more before it stops, and that look applies the message's reply."""
+    remind(vonage)
+    applier = replies._APPLIER
+    assert applier.enter()  # as if a thread of this process were applying
+    try:
+        with statements() as kinds:
+            assert vonage.inbound("1", message_id="meanwhile").json()["result"] == "received"
+            vonage.applied()  # the message was taken: it only marked that it came
+        assert kinds == ["INSERT"]  # the webhook's; none for the message
+        assert stored_result("meanwhile") is None
+        assert not applier.leave(unless_called=True)  # so the applying thread looks again
+        applier.forget_calls()
+        assert replies.drain(lambda: dt.datetime.now(dt.UTC), lambda ids: None, applier=applier)
+    finally:
+        applier.leave()
+    assert result_of("meanwhile") == "confirm:applied"
 
 
 def test_get_form_and_json_webhooks_are_all_accepted(vonage: Vonage) -> None:
