@@ -212,7 +212,7 @@ def scheduler_command() -> None:
 def worker(
     threads: Annotated[int, typer.Option(min=1, max=64, help="Sending threads.")] = 8,
 ) -> None:
-    """Sends queued SMS (needs Redis; any number may run)."""
+    """Sends queued SMS and applies stored replies (needs Redis; any number may run)."""
     config = _needs_redis("worker")
     _logging()
     running = _worker(actors.configure(config), threads)
