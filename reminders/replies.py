@@ -11,7 +11,7 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any, Literal, cast
@@ -339,12 +339,14 @@ def _apply_claimed(session: Session, rows: list[Row[Any]], now: dt.datetime) -> 
     are those of that moment (a cancellation sent before the appointment started counts)."""
     answers: list[int] = []
     settled: list[dict[str, object]] = []
+    reminded = latest_reminded(session, ((row.msisdn, row.to_number) for row in rows))
     for row in rows:
         text = _assembled(session, row, now)
         if text is None:  # a part: its row waits (no applied_at) for the rest of the message
             settled.append(_settled(row.id, "part", None))
             continue
-        handled = apply_reply(session, row.msisdn, row.to_number, text, row.received_at)
+        found = reminded.get((row.msisdn, row.to_number))
+        handled = apply_reply(session, row.msisdn, row.to_number, text, row.received_at, found)
         answers += handled.answers
         settled.append(_settled(row.id, handled.result, now, handled))
         log.info("SMS from %s: %s", mask_phone(row.msisdn), handled.result)
@@ -540,31 +542,64 @@ def _assembled(session: Session, row: Row[Any], now: dt.datetime) -> str | None:
     return "".join(parts[number] for number in range(1, total + 1))[:MAX_TEXT]
 
 
-_LATEST_REMINDED = (
-    select(Appointment, Clinic)
-    .join(Reminder, Reminder.appointment_id == Appointment.id)
-    .join(Clinic, Clinic.id == Reminder.clinic_id)
-    .where(
-        Reminder.phone_e164 == bindparam("phone"),
-        Clinic.sender == bindparam("sender"),
-        Reminder.kind.in_(("reminder", "late", "moved")),
-        Reminder.status.in_(("sent", "sending", "unknown")),
+Reminded = tuple[Appointment, Clinic]
+
+
+def _latest_reminded() -> Select[Any]:
+    """Per (number, receiving number), the appointment of the latest reminder sent to that
+    number by one of the clinics sending from the receiving number, with its clinic: for every
+    reply of a batch in one query, along ix_reminders_phone_sent."""
+    ranked = (
+        select(
+            Reminder.appointment_id,
+            Reminder.clinic_id,
+            Reminder.phone_e164,
+            Clinic.sender,
+            func.row_number()
+            .over(
+                partition_by=(Reminder.phone_e164, Clinic.sender),
+                order_by=(Reminder.sent_at.desc().nulls_last(), Reminder.id.desc()),
+            )
+            .label("rank"),
+        )
+        .join(Clinic, Clinic.id == Reminder.clinic_id)
+        .where(
+            Reminder.phone_e164.in_(bindparam("phones", expanding=True)),
+            Clinic.sender.in_(bindparam("senders", expanding=True)),
+            Reminder.kind.in_(("reminder", "late", "moved")),
+            Reminder.status.in_(("sent", "sending", "unknown")),
+        )
+        .subquery()
     )
-    .order_by(Reminder.sent_at.desc().nulls_last(), Reminder.id.desc())
-    .limit(1)
-)
+    return (
+        select(Appointment, Clinic, ranked.c.phone_e164, ranked.c.sender)
+        .join(ranked, ranked.c.appointment_id == Appointment.id)
+        .join(Clinic, Clinic.id == ranked.c.clinic_id)
+        .where(ranked.c.rank == 1)
+    )
 
 
-def latest_reminded(session: Session, phone: str, sender: str) -> tuple[Appointment, Clinic] | None:
-    """The appointment of the latest reminder sent to `phone` by one of the clinics sending
-    from `sender`, with its clinic (one query, along ix_reminders_phone_sent)."""
-    row = session.execute(_LATEST_REMINDED, {"phone": phone, "sender": sender}).first()
-    return (row[0], row[1]) if row is not None else None
+_LATEST_REMINDED = _latest_reminded()
 
 
-def apply_reply(session: Session, phone: str, to: str, text: str, now: dt.datetime) -> Handled:
-    """What a patient's reply means, applied (DESIGN rule 9: carrier words only opt out/in)."""
-    found = latest_reminded(session, phone, to)
+def latest_reminded(
+    session: Session, pairs: Iterable[tuple[str, str]]
+) -> dict[tuple[str, str], Reminded]:
+    """For each (phone, sender) that has one, the appointment of the latest reminder sent to
+    `phone` by one of the clinics sending from `sender`, with its clinic."""
+    wanted = set(pairs)
+    if not wanted:
+        return {}
+    values = {"phones": sorted({p for p, _ in wanted}), "senders": sorted({s for _, s in wanted})}
+    found = session.execute(_LATEST_REMINDED, values)
+    return {(phone, sender): (a, c) for a, c, phone, sender in found if (phone, sender) in wanted}
+
+
+def apply_reply(
+    session: Session, phone: str, to: str, text: str, now: dt.datetime, found: Reminded | None
+) -> Handled:
+    """What a patient's reply means, applied (DESIGN rule 9: carrier words only opt out/in);
+    `found`: its number's latest reminded appointment (`latest_reminded`), if any."""
     clinics: list[Clinic] | None = None  # every clinic sending from `to`, read when needed
     if found is not None:
         appointment, clinic = found
