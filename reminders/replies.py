@@ -316,15 +316,6 @@ class Applied:
     answers: list[int]  # answer SMS queued, to send after commit
 
 
-def apply_stored(session: Session, now: dt.datetime, limit: int = APPLY_BATCH) -> Applied | None:
-    """Applies up to `limit` stored replies (see `_claim_statement`) in the caller's
-    transaction and records each one's result on its row; None when none was waiting."""
-    rows = _claim(session, now, limit)
-    if not rows:
-        return None
-    return Applied(len(rows), _apply_claimed(session, rows, now))
-
-
 def _claim(session: Session, now: dt.datetime, limit: int) -> list[Row[Any]]:
     dialect = session.get_bind().dialect.name
     values: dict[str, object] = {"limit": limit}
@@ -464,7 +455,9 @@ def drain(
 
 
 def _apply_batch(clock: Callable[[], dt.datetime], limit: int) -> Applied | None:
-    """One transaction of `apply_stored`; a single reply that raises is given up."""
+    """One transaction: claims up to `limit` stored replies (`_claim_statement`), applies them and
+    records each one's result on its row; None when none was waiting. A single reply that raises
+    is given up (`error`)."""
     taken: list[int] = []
     try:
         with session_scope() as session:
