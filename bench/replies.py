@@ -22,13 +22,17 @@ open loop at `--inbound-rate` for `--seconds`: each a distinct patient and `mess
 "1", "2", "OUI", "ANNULER", "STOP" and "hello?" in turn. Each request is sent at its planned
 time whatever the earlier ones are doing (asyncio + httpx, a bounded connection pool), and its
 latency is response time minus PLANNED send time, so queueing anywhere counts (requests
-beyond the connection pool wait for a connection on the clock). Then the bench
-waits until every reply is applied and every answer SMS is final, and checks "applied exactly
-once": every request 200 with the expected result, one inbound row per messageId, the expected
-events by type and no appointment with two `appointment.confirmed` or two
-`appointment.cancelled`, the expected answers by kind all sent, one stand-in POST per answer.
-Then it re-sends `--duplicates` of them (same messageId, signed again) and checks that all get
-`duplicate` and that nothing in the database or at the stand-in changes.
+beyond the connection pool wait for a connection on the clock). The webhook only stores a reply
+and answers 200 `received`; the worker applies it. So the bench then waits until every reply
+is applied and every answer SMS is final (the drain, timed), and checks "applied exactly once":
+every request 200 `received`, one inbound row per messageId with the result its text means
+(read from the database), the expected events by type and no appointment with two
+`appointment.confirmed` or two `appointment.cancelled`, the expected answers by kind all sent,
+one stand-in POST per answer. It prints how long application lagged behind receipt
+(`applied_at - received_at`: p50, p99, max) and the worker's CPU per reply from the phase's
+start to the end of the drain. Then it re-sends `--duplicates` of them (same messageId, signed
+again) and checks that all get `duplicate` and that nothing in the database or at the stand-in
+changes.
 
 Phase 2: `GET /c/{token}` offered open loop at `--link-rate` for `--seconds`, over all patients'
 tokens, with an `X-Forwarded-For` address per 20 requests (the API trusts 127.0.0.1 as a proxy),
@@ -123,7 +127,7 @@ ANSWER_KINDS = ("ack", "opted_out", "opted_in", "unclear")
 
 @dataclass(frozen=True)
 class Expected:
-    result: str  # the webhook's `result`
+    result: str  # the result recorded on its inbound row once applied
     event: str  # the one event it writes
     answer: str  # the kind of the one SMS it sends back
 
@@ -864,6 +868,10 @@ class Meter:
             "load": load_average(),
         }
 
+    def started(self, name: str) -> float:
+        """A CPU reading taken at the start of the phase."""
+        return float(self._start[name])
+
     def stop(self) -> Usage:
         s = self._start
         seconds = time.monotonic() - s["at"]
@@ -1088,12 +1096,19 @@ def settled(engine: Engine) -> tuple[int, int, int]:
     return applied, int(final), int(total)
 
 
+@dataclass
+class Drain:
+    applied_seconds: float  # until every reply answered 200 was applied
+    settled_seconds: float  # until every answer SMS was final too
+
+
 def wait_settled(
     engine: Engine, expected: int, services: Sequence[Service], timeout: float
-) -> float:
+) -> Drain:
     """Waits until the `expected` replies (those answered 200) are applied and every answer SMS
-    is final; returns the seconds."""
+    is final."""
     start = time.monotonic()
+    applied_at: float | None = None
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -1108,10 +1123,32 @@ def wait_settled(
                 service.check_alive()
             applied, final, total = settled(engine)
             bar.update(task, completed=final, total=total)
+            if applied >= expected and applied_at is None:
+                applied_at = time.monotonic() - start
             if applied >= expected and final >= total:
                 break
             time.sleep(0.25)  # polling other processes' progress in the database
-    return time.monotonic() - start
+    settled_seconds = time.monotonic() - start
+    return Drain(applied_at if applied_at is not None else settled_seconds, settled_seconds)
+
+
+def apply_lag_ms(engine: Engine) -> dict[str, float]:
+    """How long replies waited between receipt (the webhook) and application (the worker)."""
+    lags = sorted(
+        float(lag)
+        for (lag,) in rows(
+            engine,
+            "SELECT EXTRACT(EPOCH FROM applied_at - received_at) * 1000 FROM inbound_messages "
+            "WHERE applied_at IS NOT NULL",
+        )
+    )
+    if not lags:
+        return {}
+    return {
+        "p50": round(percentile(lags, 50), 1),
+        "p99": round(percentile(lags, 99), 1),
+        "max": round(lags[-1], 1),
+    }
 
 
 @dataclass
@@ -1122,6 +1159,9 @@ class Exactness:
     expected: dict[str, Any]
     found: dict[str, Any]
     settle_seconds: float
+    applied_seconds: float  # the drain: from the last response until every reply was applied
+    apply_lag_ms: dict[str, float]  # applied_at - received_at: p50, p99, max
+    worker_ms_per_reply: float  # the worker's CPU from the phase's start to the drain's end
     duplicates_sent: int
     duplicate_results: dict[str, int]
     duplicate_statuses: dict[str, int]
@@ -1175,7 +1215,7 @@ def check_applied(
     if wrong:
         problems.append(f"wrong: {len(wrong)} replies with an unexpected result: {wrong[:5]}")
     answered = [o for o in run.outcomes if o.status == 200]
-    bad = [o.result for o in answered if o.result not in {e.result for e in EXPECTED.values()}]
+    bad = [o.result for o in answered if o.result != "received"]
     if bad:
         problems.append(f"wrong: webhook results {dict(collections.Counter(bad))}")
     # What the stored replies must have done, each once.
@@ -1401,7 +1441,8 @@ def measure(args: argparse.Namespace, url: str) -> Report:
             len(requests),
         )
         answered = sum(1 for o in inbound_run.outcomes if o.status == 200)
-        settle = wait_settled(engine, answered, services, args.settle_timeout)
+        drain = wait_settled(engine, answered, services, args.settle_timeout)
+        worker_cpu = worker.cpu() - meter.started("worker")
         after = snapshot(engine, standin)
         problems = check_applied(engine, requests, inbound_run, after)
 
@@ -1432,7 +1473,10 @@ def measure(args: argparse.Namespace, url: str) -> Report:
             problems=problems,
             expected=expected_counts(requests),
             found=after,
-            settle_seconds=round(settle, 2),
+            settle_seconds=round(drain.settled_seconds, 2),
+            applied_seconds=round(drain.applied_seconds, 2),
+            apply_lag_ms=apply_lag_ms(engine),
+            worker_ms_per_reply=round(worker_cpu / max(answered, 1) * 1000, 2),
             duplicates_sent=len(again),
             duplicate_results=dup_results,
             duplicate_statuses=dup_statuses,
@@ -1574,6 +1618,13 @@ def print_report(report: Report, console: Console) -> None:
         f"{found['answers']}, stand-in POSTs {found['standin_posts']:,} "
         f"({found['standin_extra_posts']} extra), appointments {found['appointments']}, "
         f"all settled {e.settle_seconds:.1f} s after the last response"
+    )
+    lag = e.apply_lag_ms
+    console.print(
+        f"applied by the worker: all {e.applied_seconds:.1f} s after the last response (the "
+        f"drain); applied_at - received_at p50 {_ms(lag.get('p50', math.nan))} ms, p99 "
+        f"{_ms(lag.get('p99', math.nan))} ms, max {_ms(lag.get('max', math.nan))} ms; worker CPU "
+        f"{e.worker_ms_per_reply:.2f} ms per reply (phase and drain, answers sent included)"
     )
     tags = collections.Counter(p.split(":", 1)[0] for p in e.problems)
     if e.problems:

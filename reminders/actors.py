@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import dramatiq
 from dramatiq.brokers.stub import StubBroker
 
-from reminders import dispatch, events, report
-from reminders.broker import QUEUE, WEBHOOK_QUEUE, RateLimiter, make_broker
+from reminders import broker as queues
+from reminders import dispatch, events, replies, report
+from reminders.broker import QUEUE, REPLIES_QUEUE, WEBHOOK_QUEUE, RateLimiter, make_broker
 from reminders.config import Settings
 from reminders.db import session_scope
 from reminders.sms import Provider, provider_from_settings
@@ -59,7 +60,8 @@ MAX_RETRIES = 5
     retry_when=_retry_when,
 )
 def send_reminder(reminder_id: int) -> None:
-    """One SMS (answers to patients, queued by the API as soon as they are decided)."""
+    """One SMS. Answers to patients now go in batches (`send_reminders`); this stays for the
+    messages an older version queued."""
     state = runtime()
     dispatch.send_one(reminder_id, state.clock, state.provider, state.settings, state.limiter)
 
@@ -75,11 +77,31 @@ def send_reminder(reminder_id: int) -> None:
     retry_when=_retry_when,
 )
 def send_reminders(reminder_ids: list[int]) -> None:
-    """A batch of due reminders claimed by the scheduler (dispatch.SEND_BATCH at most): one
-    message, one claim and a few statements for all of them. A retry takes only the rows still
-    `queued` (those that asked for a brief retry)."""
+    """A batch of due reminders claimed by the scheduler, or of answers to patients
+    (dispatch.batch_size at most): one message, one claim and a few statements for all of them.
+    A retry takes only the rows still `queued` (those that asked for a brief retry)."""
     state = runtime()
     dispatch.send_batch(reminder_ids, state.clock, state.provider, state.settings, state.limiter)
+
+
+@dramatiq.actor(
+    broker=StubBroker(),
+    queue_name=REPLIES_QUEUE,
+    max_retries=3,  # then the scheduler's sweep queues the waiting replies again
+    min_backoff=1_000,
+    max_backoff=10_000,
+    max_age=3_600_000,
+    time_limit=300_000,  # a run stops taking batches after a minute (replies.apply_waiting)
+)
+def apply_replies() -> None:
+    """Applies the inbound SMS the webhook stored, in batches, until none waits; each batch's
+    answers go out at once in `send_reminders` messages. Any message applies whatever waits,
+    so a lost one costs nothing but time, and several at once share the work."""
+    state = runtime()
+    size = dispatch.batch_size(state.settings)
+    drained = replies.apply_waiting(state.clock, lambda ids: queues.enqueue_sends(ids, size))
+    if not drained:
+        apply_replies.send()  # more waits: go on in another message, this one took long enough
 
 
 @dramatiq.actor(
@@ -105,7 +127,7 @@ def build_weekly_report(report_id: int) -> None:
         report.build_stored(session, report_id, runtime().clock())
 
 
-ACTORS = (send_reminder, send_reminders, deliver_event, build_weekly_report)
+ACTORS = (send_reminder, send_reminders, apply_replies, deliver_event, build_weekly_report)
 
 
 def configure(

@@ -19,6 +19,8 @@ from reminders.config import Settings
 log = logging.getLogger(__name__)
 QUEUE = "sms"
 WEBHOOK_QUEUE = "webhooks"  # apart, so a slow clinic endpoint never holds up SMS
+REPLIES_QUEUE = "replies"  # apart, so a patient's STOP never waits behind a batch of reminders
+QUEUES = (QUEUE, WEBHOOK_QUEUE, REPLIES_QUEUE)
 
 
 def make_broker(settings: Settings) -> dramatiq.Broker:
@@ -86,29 +88,37 @@ class RateLimiter:
 def install(settings: Settings) -> dramatiq.Broker:
     """Makes the settings' broker the process's own (for processes that only enqueue)."""
     broker = make_broker(settings)
-    for queue in (QUEUE, WEBHOOK_QUEUE):
+    for queue in QUEUES:
         broker.declare_queue(queue)
     dramatiq.set_broker(broker)
     return broker
 
 
-def enqueue_sends(ids: list[int]) -> None:
-    """Queues `send_reminder` for rows already `queued` (answers to patients, sent at once).
+def enqueue_sends(ids: list[int], size: int) -> None:
+    """Queues `send_reminders` for rows already `queued` (answers to patients, sent at once), in
+    messages of at most `size` ids (`dispatch.batch_size`).
 
     Feature modules call this instead of importing the actors; losing a message is safe, since
     the scheduler's sweep queues again whatever stays `queued`.
     """
-    broker = dramatiq.get_broker()
+    batches = [ids[start : start + size] for start in range(0, len(ids), size)]
     try:
-        for reminder_id in ids:
-            broker.enqueue(
-                dramatiq.Message(
-                    queue_name=QUEUE,
-                    actor_name="send_reminder",
-                    args=(reminder_id,),
-                    kwargs={},
-                    options={},
-                )
-            )
+        for batch in batches:
+            _enqueue(QUEUE, "send_reminders", batch)
     except Exception:  # the rows are committed `queued`: the scheduler's sweep sends them
         log.warning("could not queue %d answer SMS now; the sweep will", len(ids), exc_info=True)
+
+
+def enqueue_apply() -> None:
+    """Queues `apply_replies` for an inbound SMS just stored (it applies whatever is waiting).
+    If that fails, the scheduler's sweep queues it once the reply has waited a little."""
+    try:
+        _enqueue(REPLIES_QUEUE, "apply_replies")
+    except Exception:
+        log.warning("could not queue a reply's application now; the sweep will", exc_info=True)
+
+
+def _enqueue(queue: str, actor: str, *args: object) -> None:
+    dramatiq.get_broker().enqueue(
+        dramatiq.Message(queue_name=queue, actor_name=actor, args=args, kwargs={}, options={})
+    )

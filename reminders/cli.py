@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from reminders import actors, broker, clinics, db, dispatch, scheduler, texts
-from reminders.broker import QUEUE, WEBHOOK_QUEUE
+from reminders.broker import QUEUE, QUEUES, REPLIES_QUEUE, WEBHOOK_QUEUE
 from reminders.config import ConfigError, Settings, get_settings
 from reminders.models import Clinic
 from reminders.security import secret_key
@@ -114,7 +114,7 @@ def _worker(broker: dramatiq.Broker, threads: int) -> dramatiq.Worker:
     # In-process queues are cheap to poll: a short timeout makes stopping quick.
     timeout = 100 if isinstance(broker, StubBroker) else 1000
     worker = dramatiq.Worker(
-        broker, worker_threads=threads, queues={QUEUE, WEBHOOK_QUEUE}, worker_timeout=timeout
+        broker, worker_threads=threads, queues=set(QUEUES), worker_timeout=timeout
     )
     worker.start()
     return worker
@@ -193,7 +193,7 @@ def scheduler_command() -> None:
 def worker(
     threads: Annotated[int, typer.Option(min=1, max=64, help="Sending threads.")] = 8,
 ) -> None:
-    """Sends queued SMS (needs Redis; any number may run)."""
+    """Sends queued SMS and applies stored replies (needs Redis; any number may run)."""
     config = _needs_redis("worker")
     _logging()
     running = _worker(actors.configure(config), threads)
@@ -229,6 +229,7 @@ def tick(
     scheduler.queue_reports(clock)
     if running is not None:
         assert isinstance(broker, StubBroker)
+        broker.join(REPLIES_QUEUE, fail_fast=False)  # its answers go to QUEUE
         broker.join(QUEUE, fail_fast=False)
         broker.join(WEBHOOK_QUEUE, fail_fast=False)
         running.join()

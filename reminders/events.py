@@ -157,10 +157,13 @@ def _write_pending(session: Session) -> None:
     if session.get_bind().dialect.name != "postgresql":
         session.execute(_INSERT, pending)
         return
-    # One statement per event, clinics in id order (two writers cannot deadlock), each clinic's
-    # events in the order they were recorded.
-    for row in sorted(pending, key=lambda row: int(row["clinic_id"])):
-        session.execute(_LOCKED_INSERT, row)
+    # Clinics in id order (two writers cannot deadlock), each clinic's events in the order they
+    # were recorded, in one executemany (one round trip; taking a lock held already is a no-op).
+    by_clinic: dict[int, list[dict[str, Any]]] = {}
+    for row in pending:
+        by_clinic.setdefault(int(row["clinic_id"]), []).append(row)
+    for clinic_id in sorted(by_clinic):
+        session.execute(_LOCKED_INSERT, by_clinic[clinic_id])
 
 
 @sa_event.listens_for(Session, "after_rollback")

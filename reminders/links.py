@@ -477,7 +477,7 @@ def act(
         decision = decide(session, appointment, chosen, "link", now)
         view = view_of(appointment, clinic)
     if decision.answer_id is not None:
-        broker.enqueue_sends([decision.answer_id])  # if that fails, the sweep sends it
+        broker.enqueue_sends([decision.answer_id], 1)  # if that fails, the sweep sends it
     return appointment_page(view, _notice(chosen, decision.changed, view))
 
 

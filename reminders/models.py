@@ -220,10 +220,21 @@ class Template(Timestamps, Base):
 
 
 class InboundMessage(Timestamps, Base):
-    """An SMS from a patient, kept once per provider message id."""
+    """An SMS from a patient, kept once per provider message id: stored by the webhook, then
+    applied by a worker (`result` set; `applied_at` too, except for a part still waiting for the
+    rest of its message)."""
 
     __tablename__ = "inbound_messages"
-    __table_args__ = (Index("ix_inbound_messages_concat", "msisdn", "concat_ref"),)
+    __table_args__ = (
+        Index("ix_inbound_messages_concat", "msisdn", "concat_ref"),
+        # Replies stored and not yet applied: the worker's claim and the sweep read only these.
+        Index(
+            "ix_inbound_messages_pending",
+            "id",
+            postgresql_where=text("result IS NULL"),
+            sqlite_where=text("result IS NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     provider_message_id: Mapped[str] = mapped_column(String(64), unique=True)

@@ -8,22 +8,28 @@ may still become a cancellation, and a patient's cancellation is final.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any, Literal, cast
 
-from sqlalchemy import Table, Update, bindparam, delete, func, inspect, select, update
+from sqlalchemy import Row, Table, Update, bindparam, delete, exists, func, inspect, select, update
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
-from sqlalchemy.sql.dml import ReturningInsert
+from sqlalchemy.sql import Select
+from sqlalchemy.sql.dml import ReturningInsert, ReturningUpdate
 
 from reminders import events, grammar
-from reminders.db import Base, UTCDateTime
+from reminders.db import Base, UTCDateTime, session_scope
 from reminders.models import Appointment, Clinic, InboundMessage, OptOut, Reminder
-from reminders.planning import drop_pending
+from reminders.sms import mask_phone
+
+log = logging.getLogger(__name__)
 
 Action = Literal["confirm", "cancel"]
 Source = Literal["link", "sms", "staff"]
@@ -53,6 +59,10 @@ def decide(
         return Decision(False, appointment.confirmation)
     data: dict[str, object] = {"source": source, "starts_at": appointment.starts_at.isoformat()}
     if action == "cancel":
+        # Imported here: the intake (pydantic schemas, phone and language tables) stays out of
+        # a worker's start.
+        from reminders.planning import drop_pending
+
         drop_pending(session, appointment, "cancelled")
         data |= {
             "practitioner": appointment.practitioner,
@@ -227,16 +237,16 @@ class Handled:
 
 
 MAX_TEXT = 1600  # what we keep of a reply; longer texts are someone writing a letter
+APPLY_BATCH = 50  # stored replies applied per transaction
+GATHER = 0.1  # seconds to let replies gather into a batch (see `drain`)
+# A reply stored this long and still not applied: its queue message was lost (the sweep's cue).
+PENDING_STALE = dt.timedelta(seconds=30)
 
 
-def receive(session: Session, message: Inbound, now: dt.datetime) -> Handled:
-    """Stores an inbound SMS once (by provider message id) and applies it when complete."""
-    if session.get_bind().dialect.name == "postgresql" and message.concat_ref:
-        # Parts of one message arrive in parallel: one transaction at a time assembles them.
-        key = f"{message.msisdn}:{message.concat_ref}"
-        session.execute(select(func.pg_advisory_xact_lock(func.hashtext(key))))
-    # Stored first, in one statement: a retry (even a concurrent one) finds it and stops here.
-    row_id = _inserted_once(
+def store(session: Session, message: Inbound) -> int | None:
+    """Stores an inbound SMS once per provider message id, to be applied by a worker; returns
+    its row id, or None when that id was stored already (a retry, even a concurrent one)."""
+    return _inserted_once(
         session,
         InboundMessage,
         ("provider_message_id",),
@@ -251,76 +261,341 @@ def receive(session: Session, message: Inbound, now: dt.datetime) -> Handled:
             "received_at": message.received_at,
         },
     )
-    if row_id is None:
-        return Handled("duplicate", [])
-    text = _assembled(session, message)
-    if text is None:
-        _settle(session, row_id, result="part")
-        return Handled("part", [])
-    handled = apply_reply(session, message.msisdn, message.to, text, now)
-    _settle(
-        session,
-        row_id,
-        result=handled.result,
-        applied_at=now,
-        clinic_id=handled.clinic_id,
-        appointment_id=handled.appointment_id,
+
+
+@cache
+def _claim_statement(dialect: str) -> Select[Any] | ReturningUpdate[Any]:
+    """Takes the oldest stored replies not yet applied, at most one per number: the oldest
+    of each number, so a number's replies apply one at a time in the order they came (a later
+    one waits while an earlier one is being applied elsewhere, uncommitted, as that one still
+    counts as waiting).
+
+    PostgreSQL: a SELECT ... FOR UPDATE SKIP LOCKED, skipping rows another worker holds (not an
+    UPDATE ... WHERE id IN (that SELECT): planned as a nested loop, it runs the SELECT again for
+    each row and took more rows than its LIMIT). SQLite, which has no row locks: an UPDATE,
+    whose write lock on the database holds for the whole applying transaction."""
+    table = _table(InboundMessage)
+    earlier = table.alias("earlier")
+    columns = (
+        table.c.id,
+        table.c.msisdn,
+        table.c.to_number,
+        table.c.text,
+        table.c.concat_ref,
+        table.c.concat_total,
+        table.c.concat_part,
+        table.c.received_at,
     )
-    return handled
+    oldest = (
+        select(*columns)
+        .where(
+            table.c.result.is_(None),
+            ~exists().where(
+                earlier.c.result.is_(None),
+                earlier.c.msisdn == table.c.msisdn,
+                earlier.c.id < table.c.id,
+            ),
+        )
+        .order_by(table.c.id)
+        .limit(bindparam("limit"))
+    )
+    if dialect == "postgresql":
+        return oldest.with_for_update(skip_locked=True, of=table)
+    ids = oldest.with_only_columns(table.c.id).correlate(None).scalar_subquery()
+    return (
+        update(table)
+        .where(table.c.id.in_(ids), table.c.result.is_(None))
+        .values(applied_at=bindparam("now", type_=UTCDateTime()))
+        .returning(*columns)
+    )
 
 
 _SETTLE = update(_table(InboundMessage)).where(_table(InboundMessage).c.id == bindparam("row_id"))
 
 
-def _settle(session: Session, row_id: int, **values: object) -> None:
-    session.execute(_SETTLE, {"row_id": row_id, **values})
+@dataclass(frozen=True)
+class Applied:
+    rows: int  # stored replies taken in this transaction
+    answers: list[int]  # answer SMS queued, to send after commit
 
 
-def _assembled(session: Session, message: Inbound) -> str | None:
-    """The whole text once every part is here (None while some are missing)."""
-    if not message.concat_ref or not message.concat_total or message.concat_total <= 1:
-        return message.text[:MAX_TEXT]
-    parts = list(
-        session.execute(
-            select(InboundMessage.concat_part, InboundMessage.text)
-            .where(
-                InboundMessage.msisdn == message.msisdn,
-                InboundMessage.concat_ref == message.concat_ref,
-            )
-            .order_by(InboundMessage.concat_part)
-        )
-    )
-    numbers = {p.concat_part for p in parts}
-    if numbers != set(range(1, message.concat_total + 1)):
-        return None
-    return "".join(p.text for p in parts)[:MAX_TEXT]
+def _claim(session: Session, now: dt.datetime, limit: int) -> list[Row[Any]]:
+    dialect = session.get_bind().dialect.name
+    values: dict[str, object] = {"limit": limit}
+    if dialect != "postgresql":
+        values["now"] = now
+    claimed = session.execute(_claim_statement(dialect), values)
+    return sorted(claimed, key=lambda row: int(row.id))
 
 
-_LATEST_REMINDED = (
-    select(Appointment, Clinic)
-    .join(Reminder, Reminder.appointment_id == Appointment.id)
-    .join(Clinic, Clinic.id == Reminder.clinic_id)
+def _apply_claimed(session: Session, rows: list[Row[Any]], now: dt.datetime) -> list[int]:
+    """Each reply is applied at the time it was received: its decision, events and answers
+    are those of that moment (a cancellation sent before the appointment started counts)."""
+    answers: list[int] = []
+    settled: list[dict[str, object]] = []
+    reminded = latest_reminded(session, ((row.msisdn, row.to_number) for row in rows))
+    for row in rows:
+        text = _assembled(session, row, now)
+        if text is None:  # a part: its row waits (no applied_at) for the rest of the message
+            settled.append(_settled(row.id, "part", None))
+            continue
+        found = reminded.get((row.msisdn, row.to_number))
+        handled = apply_reply(session, row.msisdn, row.to_number, text, row.received_at, found)
+        answers += handled.answers
+        settled.append(_settled(row.id, handled.result, now, handled))
+        log.info("SMS from %s: %s", mask_phone(row.msisdn), handled.result)
+    session.execute(_SETTLE, settled)
+    return answers
+
+
+def _settled(
+    row_id: int, result: str, applied_at: dt.datetime | None, handled: Handled | None = None
+) -> dict[str, object]:
+    return {
+        "row_id": row_id,
+        "result": result,
+        "applied_at": applied_at,
+        "clinic_id": handled.clinic_id if handled is not None else None,
+        "appointment_id": handled.appointment_id if handled is not None else None,
+    }
+
+
+class _Applier:
+    """At most one thread of a process applies stored replies at a time. A queue message that
+    comes meanwhile only marks that it came (no query): the applying thread looks once more
+    before it stops, and that look finds the message's reply, stored before it was queued."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = False
+        self._called = False
+
+    def enter(self) -> bool:
+        """True: this thread applies; False: another one does, and will look once more."""
+        with self._lock:
+            if self._running:
+                self._called = True
+                return False
+            self._running, self._called = True, False
+            return True
+
+    def forget_calls(self) -> None:
+        """Before a look: the replies of the messages so far are committed, so it sees them."""
+        with self._lock:
+            self._called = False
+
+    def leave(self, unless_called: bool = False) -> bool:
+        """Stops applying (True), or, with `unless_called`, not if a message came since the
+        last look began (False: look again)."""
+        with self._lock:
+            if unless_called and self._called:
+                self._called = False
+                return False
+            self._running = False
+            return True
+
+
+_APPLIER = _Applier()
+
+
+def apply_waiting(
+    clock: Callable[[], dt.datetime],
+    answered: Callable[[list[int]], None],
+    seconds: float = 60.0,
+) -> bool:
+    """What a queue message asks: apply the stored replies (`drain`), unless another thread of
+    this process is applying them already. False when the caller must queue one more message
+    (`seconds` passed and some may still wait)."""
+    if not _APPLIER.enter():
+        return True
+    try:
+        drained = drain(clock, answered, seconds, _APPLIER)
+    except BaseException:
+        _APPLIER.leave()
+        raise
+    if not drained:
+        _APPLIER.leave()
+    return drained
+
+
+def drain(
+    clock: Callable[[], dt.datetime],
+    answered: Callable[[list[int]], None],
+    seconds: float = 60.0,
+    applier: _Applier | None = None,
+) -> bool:
+    """Applies stored replies batch after batch, one transaction each, passing each batch's
+    answers to `answered` once committed, until a look finds none (True; with `applier`, also
+    none announced since, and it is left) or `seconds` have passed (False).
+
+    After a batch smaller than APPLY_BATCH it waits GATHER seconds, so that under a steady
+    flow the next replies come together into one batch (a batch costs a few statements more
+    than its replies; its answers go in one `send_reminders` message). A batch that raises is
+    taken again one reply at a time, and a reply that raises alone is recorded as `error`
+    (logged), so that one reply that cannot be applied never holds up its number's later ones."""
+    deadline = time.monotonic() + seconds
+    alone = 0  # replies still to take one at a time after a batch raised
+    while time.monotonic() < deadline:
+        if applier is not None:
+            applier.forget_calls()
+        try:
+            applied = _apply_batch(clock, 1 if alone else APPLY_BATCH)
+        except Exception:
+            if alone:
+                raise  # even one reply at a time fails (the database?): dramatiq retries
+            log.warning("a batch of replies failed; applying them one at a time", exc_info=True)
+            alone = APPLY_BATCH
+            continue
+        if applied is None:
+            if applier is None or applier.leave(unless_called=True):
+                return True
+            continue
+        alone = max(0, alone - applied.rows)
+        answered(applied.answers)
+        if applied.rows < APPLY_BATCH and not alone:
+            time.sleep(GATHER)  # letting the next replies gather into one batch
+    return False
+
+
+def _apply_batch(clock: Callable[[], dt.datetime], limit: int) -> Applied | None:
+    """One transaction: claims up to `limit` stored replies (`_claim_statement`), applies them and
+    records each one's result on its row; None when none was waiting. A single reply that raises
+    is given up (`error`)."""
+    taken: list[int] = []
+    try:
+        with session_scope() as session:
+            now = clock()
+            rows = _claim(session, now, limit)
+            taken = [row.id for row in rows]
+            if not rows:
+                return None
+            answers = _apply_claimed(session, rows, now)
+    except Exception:
+        if len(taken) != 1:
+            raise
+        _give_up(taken[0], clock())
+        return Applied(1, [])
+    return Applied(len(taken), answers)
+
+
+_GIVE_UP = (
+    update(_table(InboundMessage))
     .where(
-        Reminder.phone_e164 == bindparam("phone"),
-        Clinic.sender == bindparam("sender"),
-        Reminder.kind.in_(("reminder", "late", "moved")),
-        Reminder.status.in_(("sent", "sending", "unknown")),
+        _table(InboundMessage).c.id == bindparam("row_id"),
+        _table(InboundMessage).c.result.is_(None),
     )
-    .order_by(Reminder.sent_at.desc().nulls_last(), Reminder.id.desc())
-    .limit(1)
+    .values(result="error", applied_at=bindparam("now", type_=UTCDateTime()))
 )
 
 
-def latest_reminded(session: Session, phone: str, sender: str) -> tuple[Appointment, Clinic] | None:
-    """The appointment of the latest reminder sent to `phone` by one of the clinics sending
-    from `sender`, with its clinic (one query, along ix_reminders_phone_sent)."""
-    row = session.execute(_LATEST_REMINDED, {"phone": phone, "sender": sender}).first()
-    return (row[0], row[1]) if row is not None else None
+def _give_up(row_id: int, now: dt.datetime) -> None:
+    log.exception("inbound SMS %d could not be applied; recorded as `error`", row_id)
+    with session_scope() as session:
+        session.execute(_GIVE_UP, {"row_id": row_id, "now": now})
 
 
-def apply_reply(session: Session, phone: str, to: str, text: str, now: dt.datetime) -> Handled:
-    """What a patient's reply means, applied (DESIGN rule 9: carrier words only opt out/in)."""
-    found = latest_reminded(session, phone, to)
+def stale(session: Session, now: dt.datetime) -> int:
+    """How many stored replies still wait to be applied `PENDING_STALE` after they came (their
+    queue message was lost, or no worker runs): the scheduler's sweep queues them again."""
+    table = _table(InboundMessage)
+    found = session.scalar(
+        select(func.count())
+        .select_from(table)
+        .where(table.c.result.is_(None), table.c.received_at < now - PENDING_STALE)
+    )
+    return int(found or 0)
+
+
+_USED_PARTS = update(_table(InboundMessage)).where(
+    _table(InboundMessage).c.id.in_(bindparam("ids", expanding=True))
+)
+
+
+def _assembled(session: Session, row: Row[Any], now: dt.datetime) -> str | None:
+    """The whole text once every part is here (None while some are missing). Parts wait as
+    `part` rows without `applied_at`; the one that completes the message carries its result,
+    and the others are then marked applied, so a reused `concat-ref` starts afresh."""
+    total = row.concat_total
+    if not row.concat_ref or not total or total <= 1:
+        return str(row.text)
+    waiting = list(
+        session.execute(
+            select(InboundMessage.id, InboundMessage.concat_part, InboundMessage.text)
+            .where(
+                InboundMessage.msisdn == row.msisdn,
+                InboundMessage.concat_ref == row.concat_ref,
+                InboundMessage.concat_total == total,
+                InboundMessage.result == "part",
+                InboundMessage.applied_at.is_(None),
+            )
+            .order_by(InboundMessage.id)
+        )
+    )
+    parts = {part.concat_part: part.text for part in waiting} | {row.concat_part: row.text}
+    if set(parts) != set(range(1, total + 1)):
+        return None
+    session.execute(_USED_PARTS, {"ids": [part.id for part in waiting], "applied_at": now})
+    return "".join(parts[number] for number in range(1, total + 1))[:MAX_TEXT]
+
+
+Reminded = tuple[Appointment, Clinic]
+
+
+def _latest_reminded() -> Select[Any]:
+    """Per (number, receiving number), the appointment of the latest reminder sent to that
+    number by one of the clinics sending from the receiving number, with its clinic: for every
+    reply of a batch in one query, along ix_reminders_phone_sent."""
+    ranked = (
+        select(
+            Reminder.appointment_id,
+            Reminder.clinic_id,
+            Reminder.phone_e164,
+            Clinic.sender,
+            func.row_number()
+            .over(
+                partition_by=(Reminder.phone_e164, Clinic.sender),
+                order_by=(Reminder.sent_at.desc().nulls_last(), Reminder.id.desc()),
+            )
+            .label("rank"),
+        )
+        .join(Clinic, Clinic.id == Reminder.clinic_id)
+        .where(
+            Reminder.phone_e164.in_(bindparam("phones", expanding=True)),
+            Clinic.sender.in_(bindparam("senders", expanding=True)),
+            Reminder.kind.in_(("reminder", "late", "moved")),
+            Reminder.status.in_(("sent", "sending", "unknown")),
+        )
+        .subquery()
+    )
+    return (
+        select(Appointment, Clinic, ranked.c.phone_e164, ranked.c.sender)
+        .join(ranked, ranked.c.appointment_id == Appointment.id)
+        .join(Clinic, Clinic.id == ranked.c.clinic_id)
+        .where(ranked.c.rank == 1)
+    )
+
+
+_LATEST_REMINDED = _latest_reminded()
+
+
+def latest_reminded(
+    session: Session, pairs: Iterable[tuple[str, str]]
+) -> dict[tuple[str, str], Reminded]:
+    """For each (phone, sender) that has one, the appointment of the latest reminder sent to
+    `phone` by one of the clinics sending from `sender`, with its clinic."""
+    wanted = set(pairs)
+    if not wanted:
+        return {}
+    values = {"phones": sorted({p for p, _ in wanted}), "senders": sorted({s for _, s in wanted})}
+    found = session.execute(_LATEST_REMINDED, values)
+    return {(phone, sender): (a, c) for a, c, phone, sender in found if (phone, sender) in wanted}
+
+
+def apply_reply(
+    session: Session, phone: str, to: str, text: str, now: dt.datetime, found: Reminded | None
+) -> Handled:
+    """What a patient's reply means, applied (DESIGN rule 9: carrier words only opt out/in);
+    `found`: its number's latest reminded appointment (`latest_reminded`), if any."""
     clinics: list[Clinic] | None = None  # every clinic sending from `to`, read when needed
     if found is not None:
         appointment, clinic = found

@@ -5,12 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from apscheduler.schedulers.base import BaseScheduler
-
-from reminders import actors, dispatch, events, report
+from reminders import actors, dispatch, events, replies, report
 from reminders.config import get_settings
 from reminders.db import session_scope
+
+if TYPE_CHECKING:
+    from apscheduler.schedulers.base import BaseScheduler
 
 log = logging.getLogger(__name__)
 TICK_SECONDS = 60
@@ -20,17 +22,24 @@ REPORT_CHECK_SECONDS = 600
 
 
 def tick(clock: dispatch.Clock = actors.real_clock) -> list[int]:
-    """One pass: expire, sweep and claim in batches, queueing each batch once committed.
-    Returns the ids queued. An idle pass is one transaction."""
+    """One pass: expire, sweep and claim in batches, queueing each batch once committed; and
+    queue the application of stored replies left waiting (their message was lost). Returns the
+    ids of the SMS queued. An idle pass is one transaction."""
     now = clock()
     size = dispatch.batch_size(get_settings())
     with session_scope() as session:
         dispatch.expire(session, now)
         swept = dispatch.sweep(session, now)
         deliveries = events.claim_webhooks(session, now)
+        waiting = replies.stale(session, now)
         claimed = dispatch.claim_due(session, now, BATCH)
     dispatch.queue_batches(swept + claimed, size, actors.send_reminders.send)
     dispatch.queue_all(deliveries, actors.deliver_event.send)
+    if waiting:
+        log.warning(
+            "%d stored replies waited over %s: applying them", waiting, replies.PENDING_STALE
+        )
+        actors.apply_replies.send()
     queued = swept + claimed
     while len(claimed) == BATCH:
         with session_scope() as session:

@@ -2,10 +2,12 @@
 JSON). Signed requests are checked with the SDK's `Auth.check_signature` plus a freshness check;
 anything valid or merely unknown gets 200 at once, so Vonage stops retrying (it retries for 24 h).
 
-An inbound SMS is stored and applied in one transaction before its 200 (a few milliseconds): the
-200 then means "applied", and nothing can be stored but left unapplied. Answering first and
-applying in a background task was not chosen: it needs a sweep for rows stored but never applied,
-and when the API is short of CPU the backlog grows unseen instead of slowing the answers.
+An inbound SMS is stored (once per `messageId`) and answered 200 `received` at once; a worker
+applies it within seconds (`replies.apply_waiting`, queued here as `apply_replies`). Applying it
+before the 200 was tried first: at 300 replies a second the API then ran short of CPU and the
+answers queued for over a minute (Vonage times out and retries), and each reply cost its own
+transaction. A worker applies stored replies in batches, a number's replies in the order they
+came, and the scheduler's sweep queues again any left waiting (a lost queue message).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from sqlalchemy.exc import IntegrityError
 from reminders import broker, dispatch, replies
 from reminders.config import Settings, get_settings
 from reminders.db import session_scope
-from reminders.sms import mask_phone
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/webhooks/vonage", tags=["vonage"])
@@ -112,7 +113,7 @@ Params = Annotated[dict[str, str], Depends(parameters)]
 @router.get("/inbound", operation_id="vonage_inbound_get")
 @router.post("/inbound", operation_id="vonage_inbound_post")
 def inbound(params: Params) -> JSONResponse:
-    """A patient's SMS: stored once per `messageId`, applied once complete."""
+    """A patient's SMS: stored once per `messageId`, then applied by a worker."""
     refused = _checked(params)
     if refused is not None:
         return refused
@@ -120,26 +121,26 @@ def inbound(params: Params) -> JSONResponse:
     message_id = _message_id(params)
     if not msisdn or not to or not message_id:
         return JSONResponse({"status": "ignored", "reason": "msisdn, to and messageId needed"})
-    now = _now()
     concat = params.get("concat") == "true"
     message = replies.Inbound(
         message_id=message_id[:64],
         msisdn=msisdn,
         to=to,
         text=params.get("text", ""),
-        received_at=now,
+        received_at=_now(),
         concat_ref=params.get("concat-ref") if concat else None,
         concat_total=_int(params.get("concat-total")) if concat else None,
         concat_part=_int(params.get("concat-part")) if concat else None,
     )
     try:
         with session_scope() as session:
-            handled = replies.receive(session, message, now)
+            stored = replies.store(session, message)
     except IntegrityError:
-        return JSONResponse({"status": "ok", "result": "duplicate"})  # a concurrent retry won
-    broker.enqueue_sends(handled.answers)
-    log.info("SMS from %s: %s", mask_phone(msisdn), handled.result)
-    return JSONResponse({"status": "ok", "result": handled.result})
+        stored = None  # a concurrent retry won
+    if stored is None:
+        return JSONResponse({"status": "ok", "result": "duplicate"})
+    broker.enqueue_apply()
+    return JSONResponse({"status": "ok", "result": "received"})
 
 
 @router.get("/status", operation_id="vonage_status_get")

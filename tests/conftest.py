@@ -22,10 +22,11 @@ from dramatiq.brokers.stub import StubBroker
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
-from reminders import db
+from reminders import actors, db
 from reminders.api import create_app
-from reminders.broker import QUEUE, WEBHOOK_QUEUE
+from reminders.broker import QUEUES, REPLIES_QUEUE
 from reminders.clinics import ClinicOptions, create_clinic
+from reminders.config import get_settings
 
 # Appointments in tests start ten days from today (the API reads the real clock), at 09:30 Paris
 # winter time; `day(n)` gives other days relative to it.
@@ -81,9 +82,9 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if name.startswith("REMINDERS_") and not name.startswith("REMINDERS_TEST_"):
             monkeypatch.delenv(name)
     db.reset()
-    # Answers queued by webhooks and links go to an in-process broker, never a real Redis.
+    # What webhooks and links queue goes to an in-process broker, never a real Redis.
     stub = StubBroker()
-    for queue in (QUEUE, WEBHOOK_QUEUE):
+    for queue in QUEUES:
         stub.declare_queue(queue)
     dramatiq.set_broker(stub)
     yield
@@ -238,3 +239,25 @@ def statements() -> Iterator[list[str]]:
         yield seen
     finally:
         sa.event.remove(engine, "before_cursor_execute", record)
+
+
+@contextmanager
+def replies_worker() -> Iterator[dramatiq.Worker]:
+    """A worker running `apply_replies` on what the webhooks queue in the in-process broker, as
+    `reminders worker` would; the answers it queues stay in the SMS queue (nothing is sent)."""
+    stub = dramatiq.get_broker()
+    actors.configure(get_settings(), broker=stub, rate_limit=False)
+    worker = dramatiq.Worker(stub, queues={REPLIES_QUEUE}, worker_threads=1, worker_timeout=50)
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
+def apply_stored_replies() -> None:
+    """Applies every reply the webhooks stored so far, as the worker would."""
+    stub = dramatiq.get_broker()
+    assert isinstance(stub, StubBroker)
+    with replies_worker():
+        stub.join(REPLIES_QUEUE, fail_fast=True)

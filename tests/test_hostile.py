@@ -30,9 +30,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from reminders import db, dispatch
 from reminders.api import create_app
-from reminders.models import Appointment, Clinic, Reminder, Template
+from reminders.models import Appointment, Clinic, InboundMessage, Reminder, Template
 from reminders.texts import single_line
-from tests.conftest import Cast, appointment_body
+from tests.conftest import Cast, apply_stored_replies, appointment_body
 from tests.vonage_standin import sign
 
 SIGNATURE_SECRET = "hostile-signature-secret"
@@ -148,6 +148,11 @@ def test_any_webhook_gets_200_or_401_and_never_a_server_error(
     valid = signed and not any("\x00" in k + v for k, v in params.items())
     assert response.status_code == (200 if valid else 401), response.text
     assert isinstance(response.json(), dict)
+    apply_stored_replies()  # whatever was stored applies without an error
+    with db.session_scope() as session:
+        results = set(session.scalars(select(InboundMessage.result)))
+    assert None not in results
+    assert "error" not in results
 
 
 @settings(
@@ -337,6 +342,9 @@ def test_no_log_record_of_intake_replies_or_links_carries_a_number_or_a_name(
         params = {**params, "timestamp": now}
         params["sig"] = sign(params, SIGNATURE_SECRET)
         assert vonage_app.post(path, data=params).status_code == 200
+    apply_stored_replies()
+    with db.session_scope() as session:
+        assert "needs_attention" in set(session.scalars(select(InboundMessage.result)))
     assert vonage_app.get(f"/c/{token}").status_code == 200
     assert vonage_app.post(f"/c/{token}", data={"action": "cancel"}).status_code == 200
     assert caplog.records  # something was logged

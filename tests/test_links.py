@@ -193,7 +193,8 @@ def test_a_confirm_applies_once_and_queues_one_acknowledgement(
     (ack,) = acks("A1")
     assert (ack.kind, ack.status, ack.rule) == ("ack", "queued", "ack:confirmed")
     assert stub_broker.queues[QUEUE].qsize() == 1
-    assert dramatiq.Message.decode(stub_broker.queues[QUEUE].get()).args == (ack.id,)
+    message = dramatiq.Message.decode(stub_broker.queues[QUEUE].get())
+    assert (message.actor_name, message.args) == ("send_reminders", ([ack.id],))
 
     again = post(client, token, "confirm")
     assert again.status_code == 200

@@ -27,7 +27,7 @@ from reminders.models import Appointment, Clinic, Event, Patient, Reminder, Week
 from reminders.report import render as report_render
 from reminders.simulate import validate
 from reminders.sms import ConsoleProvider
-from tests.conftest import Cast, appointment_body
+from tests.conftest import Cast, apply_stored_replies, appointment_body
 
 PARIS = ZoneInfo("Europe/Paris")
 GO_LIVE = dt.date(2026, 11, 2)  # a Monday: week 2026-W45
@@ -476,6 +476,7 @@ def test_holdout_patients_who_write_in_still_get_an_answer(client: TestClient, c
         "message-timestamp": "2026-11-22 10:00:00",
     }
     assert client.post("/webhooks/vonage/inbound", data=params).status_code == 200
+    apply_stored_replies()
     with db.session_scope() as session:
         answers = list(session.scalars(select(Reminder.kind)))
         kinds = list(session.scalars(select(Event.type)))
