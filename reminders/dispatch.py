@@ -75,11 +75,19 @@ class Limiter(Protocol):
 
 
 def _claim(session: Session, query: Select[Any], now: dt.datetime) -> list[int]:
+    """Marks the rows `query` picks `queued`, no more than its LIMIT (the daily cap rests on it).
+
+    On PostgreSQL the pick is a MATERIALIZED CTE, run exactly once: as `id IN (SELECT ... LIMIT n
+    FOR UPDATE SKIP LOCKED)` the planner may put the subquery inside a nested loop and run it
+    again for each row, each run skipping the rows the earlier runs locked, so taking more.
+    """
+    picked: Any = query.scalar_subquery()
     if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True, of=Reminder)
+        cte = query.with_for_update(skip_locked=True, of=Reminder).cte("picked")
+        picked = select(cte.prefix_with("MATERIALIZED").c.id)
     statement = (
         update(Reminder)
-        .where(Reminder.id.in_(query.scalar_subquery()))
+        .where(Reminder.id.in_(picked))
         .values(status="queued", claimed_at=now)
         .returning(Reminder.id)
         .execution_options(synchronize_session=False)

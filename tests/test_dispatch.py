@@ -295,6 +295,24 @@ def test_concurrent_claims_never_share_a_reminder(cast: Cast) -> None:
     assert len(claimed) == len(set(claimed)) == 60
 
 
+def test_a_claim_takes_no_more_than_its_limit(sending: Sending) -> None:
+    """The daily cap and the scheduler's batches rest on it. (On PostgreSQL, `id IN (SELECT ...
+    LIMIT n FOR UPDATE SKIP LOCKED)` may be planned as a nested loop that runs the subquery again
+    for each row, each run skipping the rows the previous ones locked: more than n rows.)"""
+    for i in range(40):
+        book(sending.cast, f"A{i}", patient_id=f"P{i}")
+    with db.session_scope() as session:
+        assert [len(dispatch.claim_due(session, DUE_72H, limit=7)) for _ in range(7)] == [
+            7,
+            7,
+            7,
+            7,
+            7,
+            5,
+            0,
+        ]
+
+
 def test_a_reminder_is_sent_once_however_often_its_id_is_queued(sending: Sending) -> None:
     book(sending.cast)
     with db.session_scope() as session:
