@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import psycopg
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import delete, event, select, text
 
 from reminders import db, planning
+from reminders.clinics import ClinicOptions, create_clinic
 from reminders.models import Appointment, Clinic, Patient, Reminder
 from reminders.planning import Intake
 from reminders.schemas import AppointmentIn, BatchItem
@@ -206,3 +208,74 @@ def test_a_batch_stores_what_single_pushes_store(
     for external_id, data in items:
         push(cast, external_id, data)
     assert _rows() == in_bulk
+
+
+def _selects(session: Any) -> list[str]:
+    """The SELECTs the session sends from now on (a list that fills as they go)."""
+    seen: list[str] = []
+
+    def record(*args: Any) -> None:
+        statement = str(args[2])
+        if statement.lstrip().upper().startswith("SELECT"):
+            seen.append(statement)
+
+    event.listen(session.connection(), "before_cursor_execute", record)
+    return seen
+
+
+def test_a_single_push_reads_its_appointment_and_another_known_patient_in_one_query(
+    cast: Cast,
+) -> None:
+    """A feed's single message (MLLP, FHIR, PUT) looks its appointment and its patient up in
+    one outer join: a new appointment of a known patient, and a known appointment moved to
+    another known patient, each with one SELECT."""
+    push(cast, "A1", body())
+    push(cast, "A2", body(patient={"external_id": "P2", "phone": "06 98 76 54 32"}))
+    with db.session_scope() as session:
+        clinic = session.get(Clinic, cast.clinic_id)
+        assert clinic is not None
+        intake = Intake(session, clinic, NOW, TEST_SECRET.encode())
+        selects = _selects(session)
+        new = BatchItem.model_validate({**body().model_dump(), "external_id": "A3"})
+        assert [r.result for r in intake.batch([new]) if not isinstance(r, Exception)] == [
+            "created"
+        ]
+        assert len(selects) == 1
+        moved = body(patient={"external_id": "P2", "phone": "06 98 76 54 32", "name": "Zoé"})
+        item = BatchItem.model_validate({**moved.model_dump(), "external_id": "A1"})
+        selects.clear()
+        assert [
+            r.result
+            for r in Intake(session, clinic, NOW, TEST_SECRET.encode()).batch([item])
+            if not isinstance(r, Exception)
+        ] == ["updated"]
+        assert len([s for s in selects if "FROM reminders" not in s]) == 1
+    assert stored("A1").patient.external_id == "P2"
+    assert stored("A1").patient.name == "Zoé"
+    assert stored("A3").patient.external_id == "P1"
+    assert stored("A2").patient_id == stored("A1").patient_id
+
+
+@pytest.mark.postgres
+def test_only_the_single_message_statements_are_prepared(pg_database: str) -> None:
+    """On PostgreSQL the lookup and the INSERTs of a single message are server-side prepared
+    statements (their parsing and planning cost more than their run); nothing else is, and the
+    connection goes back to preparing nothing."""
+    with db.session_scope() as session:
+        clinic, _ = create_clinic(
+            session, ClinicOptions(name="C", timezone="Europe/Paris", country="FR", language="fr")
+        )
+        intake = Intake(session, clinic, NOW, TEST_SECRET.encode())
+        intake.put("A1", body())
+        session.execute(select(Patient)).all()
+        prepared = session.execute(text("SELECT statement FROM pg_prepared_statements")).all()
+        driver = session.connection().connection.driver_connection
+        assert isinstance(driver, psycopg.Connection)
+        assert driver.prepare_threshold is None
+    kinds = sorted(statement.split(" (")[0].split(",")[0] for (statement,) in prepared)
+    assert kinds == [
+        'INSERT INTO "appointments"',
+        'INSERT INTO "patients"',
+        'INSERT INTO "reminders"',
+        "SELECT appointments.id",
+    ]
