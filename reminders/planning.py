@@ -76,6 +76,15 @@ class _PatientValues:
     language_fallback: bool
 
 
+@dataclass(frozen=True)
+class _StoredPatient:
+    """A patient row read as plain values: a batch needs no ORM object for a patient whose
+    new appointment changes nothing about them (an ORM object costs 3x as much to load)."""
+
+    id: int
+    values: _PatientValues
+
+
 def _patient_values(clinic: Clinic, data: PatientIn) -> _PatientValues:
     phone_e164, sms_capable = None, False
     if data.phone:
@@ -121,7 +130,9 @@ class Intake:
         self.now = now
         self.secret = secret
         self.timing = clinic_timing(clinic)
+        # None: not in the database. A patient is here or in _stored, never in both.
         self._patients: dict[str, Patient | None] = {}
+        self._stored: dict[str, _StoredPatient] = {}
         self._appointments: dict[str, Appointment | None] = {}
         # New rows are inserted in bulk by finish(): plain dicts, no ORM objects (3x faster).
         self._new_patients: dict[str, dict[str, object]] = {}
@@ -132,9 +143,10 @@ class Intake:
         self._digest_cache: dict[int, tuple[AppointmentIn, str]] = {}
 
     def preload(self, external_ids: Iterable[str], patient_ids: Iterable[str]) -> None:
-        """Loads the existing rows for a batch in two queries (one for a single item)."""
+        """Loads the existing rows for a batch in two queries (one for a single item): the
+        appointments as ORM objects with their patients, the other patients as plain rows."""
         wanted = [e for e in set(external_ids) if e not in self._appointments]
-        wanted_patients = [p for p in set(patient_ids) if p not in self._patients]
+        wanted_patients = [p for p in set(patient_ids) if not self._knows_patient(p)]
         if len(wanted) == 1 and len(wanted_patients) == 1:
             self._preload_one(wanted[0], wanted_patients[0])
             return
@@ -145,7 +157,7 @@ class Intake:
             )
             for appointment in rows:
                 self._appointments[appointment.external_id] = appointment
-                self._patients[appointment.patient.external_id] = appointment.patient
+                self._keep_patient(appointment.patient)
                 self._digests.setdefault(
                     appointment.external_id,
                     (appointment.content_hash, appointment.source_updated_at),
@@ -153,13 +165,23 @@ class Intake:
             for external_id in chunk:
                 if self._appointments[external_id] is None:
                     self._digests.setdefault(external_id, (None, None))
-        wanted = [p for p in set(patient_ids) if p not in self._patients]
+        wanted = [p for p in set(patient_ids) if not self._knows_patient(p)]
         for chunk in _chunks(wanted, 500):
             self._patients.update(dict.fromkeys(chunk))
-            for patient in self.session.scalars(
-                _lookup(self.session, "patients"), {"clinic_id": self.clinic.id, "ids": chunk}
-            ):
-                self._patients[patient.external_id] = patient
+            found = self.session.execute(
+                _lookup(self.session, "patient_rows"), {"clinic_id": self.clinic.id, "ids": chunk}
+            )
+            for patient_id, external_id, *values in found:
+                del self._patients[external_id]
+                self._stored[external_id] = _StoredPatient(patient_id, _PatientValues(*values))
+
+    def _knows_patient(self, external_id: str) -> bool:
+        return external_id in self._patients or external_id in self._stored
+
+    def _keep_patient(self, patient: Patient) -> None:
+        """Remembers a loaded patient object (it supersedes a plain row read before)."""
+        self._stored.pop(patient.external_id, None)
+        self._patients[patient.external_id] = patient
 
     def _preload_one(self, external_id: str, patient_id: str) -> None:
         """An appointment and a patient in one query (a feed's single message): two round
@@ -171,13 +193,14 @@ class Intake:
             ).one()
         self._appointments[external_id] = appointment
         if appointment is not None:
-            self._patients[appointment.patient.external_id] = appointment.patient
+            self._keep_patient(appointment.patient)
             self._digests.setdefault(
                 external_id, (appointment.content_hash, appointment.source_updated_at)
             )
         else:
             self._digests.setdefault(external_id, (None, None))
-        self._patients.setdefault(patient_id, patient)
+        if not self._knows_patient(patient_id):
+            self._patients[patient_id] = patient
 
     def _load_digests(self, external_ids: Iterable[str]) -> None:
         """The stored digests of these appointments, without loading the rows."""
@@ -219,9 +242,18 @@ class Intake:
         return self._appointments[external_id]
 
     def _patient(self, external_id: str) -> Patient | None:
-        if external_id not in self._patients:
-            self.preload([], [external_id])
-        return self._patients[external_id]
+        """The patient as an ORM object (None: not in the database)."""
+        if external_id in self._patients:
+            return self._patients[external_id]
+        stored = self._stored.pop(external_id, None)
+        if stored is not None:
+            patient = self.session.get(Patient, stored.id)
+        else:
+            query = _lookup(self.session, "patients")
+            params = {"clinic_id": self.clinic.id, "ids": [external_id]}
+            patient = self.session.scalars(query, params).one_or_none()
+        self._patients[external_id] = patient
+        return patient
 
     def _upsert(self, external_id: str, data: AppointmentIn) -> Upserted:
         """Creates or updates one appointment; raises IntakeError before writing anything.
@@ -335,10 +367,16 @@ class Intake:
     ) -> None:
         """Buffers a new appointment (and its patient and reminders) for finish()."""
         key = data.patient.external_id
-        patient = self._patient(key) if key not in self._new_patients else None
+        stored = self._stored.get(key)
+        if stored is not None and stored.values == values:
+            patient = None  # known and unchanged: finish() needs only its id
+        elif key in self._new_patients:
+            patient = None
+        else:
+            patient = self._patient(key)
         if patient is not None:
             _assign(patient, vars(values))
-        else:
+        elif stored is None:
             row = self._new_patients.setdefault(
                 key, {"clinic_id": self.clinic.id, "external_id": key}
             )
@@ -433,6 +471,7 @@ class Intake:
         patient_ids = {
             key: patient.id for key, patient in self._patients.items() if patient is not None
         }
+        patient_ids.update((key, stored.id) for key, stored in self._stored.items())
         rows = sorted(self._new_appointments.values(), key=lambda r: str(r["external_id"]))
         if len(rows) <= _SMALL_BATCH and self._postgres():
             self._write_few(patient_ids, rows)
@@ -891,6 +930,17 @@ def _lookups(postgresql: bool) -> dict[str, Executable]:
         "patients": select(Patient).where(
             Patient.clinic_id == clinic, _among(postgresql, Patient.external_id)
         ),
+        "patient_rows": select(
+            Patient.id,
+            Patient.external_id,
+            # in _PatientValues' order
+            Patient.name,
+            Patient.phone_e164,
+            Patient.sms_capable,
+            Patient.language_requested,
+            Patient.language,
+            Patient.language_fallback,
+        ).where(Patient.clinic_id == clinic, _among(postgresql, Patient.external_id)),
         "digests": select(
             Appointment.external_id, Appointment.content_hash, Appointment.source_updated_at
         ).where(Appointment.clinic_id == clinic, _among(postgresql, Appointment.external_id)),

@@ -210,6 +210,70 @@ def test_a_batch_stores_what_single_pushes_store(
     assert _rows() == in_bulk
 
 
+@pytest.mark.parametrize("filler", [0, 30])
+def test_known_patients_in_a_batch_are_read_as_rows_and_changed_like_single_pushes(
+    cast: Cast, filler: int
+) -> None:
+    """A batch reads its known patients as plain rows and loads one as an object only to change
+    it: an unchanged patient, a changed one booked twice, one that an updated appointment
+    brings along and a later item renames: the same rows as single pushes in the same order
+    (with `filler` new appointments, the batch writes by COPY)."""
+    p1 = {"external_id": "P1", "phone": "06 12 34 56 78", "language": "fr", "name": "Léa"}
+    p2 = {"external_id": "P2", "phone": "06 98 76 54 32"}
+    setup = [("A1", body(patient=p1)), ("A2", body(patient=p2))]
+    items = [
+        ("A3", body(patient=p1)),
+        ("A4", body(patient={**p2, "phone": "07 81 22 33 44"})),
+        ("A5", body(patient={**p2, "phone": "07 81 22 33 44"})),
+        ("A1", body(patient=p1, location="Salle 4")),
+        ("A6", body(patient={**p1, "name": "Léa M."})),
+        ("A7", body(patient={**p2, "phone": "01 42 68 53 00"})),  # a landline: no reminders
+        *[(f"F{i:02d}", body(patient={"external_id": f"Q{i}"})) for i in range(filler)],
+    ]
+    for external_id, data in setup:
+        push(cast, external_id, data)
+    with db.session_scope() as session:
+        clinic = session.get(Clinic, cast.clinic_id)
+        assert clinic is not None
+        batch = [
+            BatchItem.model_validate({**data.model_dump(), "external_id": external_id})
+            for external_id, data in items
+        ]
+        results = Intake(session, clinic, NOW, TEST_SECRET.encode()).batch(batch)
+        assert [getattr(r, "result", r) for r in results] == ["created"] * 3 + ["updated"] + [
+            "created"
+        ] * (2 + filler)
+    in_batch = _rows()
+    with db.session_scope() as session:
+        for model in (Reminder, Appointment, Patient):
+            session.execute(delete(model))
+    for external_id, data in setup + items:
+        push(cast, external_id, data)
+    assert _rows() == in_batch
+    assert stored("A6").patient.name == "Léa M."
+    assert stored("A4").patient.phone_e164 == "+33142685300"
+
+
+def test_new_appointments_of_unchanged_known_patients_load_no_patient_object(cast: Cast) -> None:
+    p1 = {"external_id": "P1", "phone": "06 12 34 56 78", "language": "fr"}
+    p2 = {"external_id": "P2", "phone": "06 98 76 54 32"}
+    push(cast, "A1", body(patient=p1))
+    push(cast, "A2", body(patient=p2))
+    with db.session_scope() as session:
+        clinic = session.get(Clinic, cast.clinic_id)
+        assert clinic is not None
+        batch = [
+            BatchItem.model_validate({**body(patient=p).model_dump(), "external_id": e})
+            for e, p in (("A3", p1), ("A4", p2), ("A5", p1))
+        ]
+        intake = Intake(session, clinic, NOW, TEST_SECRET.encode())
+        results = intake.batch(batch)
+        assert [getattr(r, "result", r) for r in results] == ["created"] * 3
+        # (`intake`, alive here, would keep the objects it loaded in the weak identity map)
+        assert not [o for o in session.identity_map.values() if isinstance(o, Patient)]
+    assert stored("A5").patient_id == stored("A3").patient_id == stored("A1").patient_id
+
+
 def _selects(session: Any) -> list[str]:
     """The SELECTs the session sends from now on (a list that fills as they go)."""
     seen: list[str] = []
