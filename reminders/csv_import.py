@@ -56,6 +56,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any
 from zoneinfo import ZoneInfo
@@ -287,6 +288,7 @@ def _width_ok(cells: list[str], width: int) -> bool:
     return len(cells) >= width and not any(c.strip() for c in cells[width:])
 
 
+@lru_cache(maxsize=4096)  # an export books the same slots many times
 def _starts_at(value: str, zone: ZoneInfo) -> dt.datetime:
     """An aware start: ISO 8601 or `YYYY-MM-DD HH:MM[:SS]`, naive ones in the clinic's zone."""
     text = value.strip()
@@ -566,6 +568,10 @@ def _import_records(
     width = len(importer.errors.header)
     ticked = 0
     ext, outcome = index["external_id"], index.get("outcome")
+    start, duration, status_at = index["starts_at"], index["duration_minutes"], index["status"]
+    patient, name, phone = index["patient_external_id"], index["patient_name"], index["phone"]
+    language, practitioner = index["language"], index["practitioner"]
+    location, kind = index["location"], index["kind"]
     for record in _records(lines, sep, width):
         importer.summary.rows += 1
         if progress is not None and lines.bytes_read - ticked >= _TICK_BYTES:
@@ -580,27 +586,29 @@ def _import_records(
             reason = f"expected {width} columns, found {len(cells)}"
             importer.reject(_Rejected(record.line, external_id, "line", reason, cells=cells))
             continue
-        start_cell = _cell(cells, index["starts_at"])
+        # Every index is below `width`: the cells, trimmed, empty ones None.
+        values = [cell.strip() or None for cell in cells[:width]]
+        start_cell = values[start]
         try:
             starts_at = None if start_cell is None else _starts_at(start_cell, zone)
         except ValueError as exc:
             importer.reject(_Rejected(record.line, external_id, "starts_at", str(exc), cells=cells))
             continue
-        status = _cell(cells, index["status"])
-        outcome_value = _cell(cells, outcome)
+        status = values[status_at]
+        outcome_value = None if outcome is None else values[outcome]
         data = {
             "external_id": external_id,
             "starts_at": starts_at,
-            "duration_minutes": _cell(cells, index["duration_minutes"]),
+            "duration_minutes": values[duration],
             "patient": {
-                "external_id": _cell(cells, index["patient_external_id"]),
-                "name": _cell(cells, index["patient_name"]),
-                "phone": _cell(cells, index["phone"]),
-                "language": _cell(cells, index["language"]),
+                "external_id": values[patient],
+                "name": values[name],
+                "phone": values[phone],
+                "language": values[language],
             },
-            "practitioner": _cell(cells, index["practitioner"]),
-            "location": _cell(cells, index["location"]),
-            "kind": _cell(cells, index["kind"]),
+            "practitioner": values[practitioner],
+            "location": values[location],
+            "kind": values[kind],
             "status": status.lower() if status else "booked",
             "outcome": outcome_value.lower() if outcome_value else None,
         }

@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import psycopg
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import delete, event, select, text
 
 from reminders import db, planning
+from reminders.clinics import ClinicOptions, create_clinic
 from reminders.models import Appointment, Clinic, Patient, Reminder
 from reminders.planning import Intake
 from reminders.schemas import AppointmentIn, BatchItem
@@ -206,3 +208,138 @@ def test_a_batch_stores_what_single_pushes_store(
     for external_id, data in items:
         push(cast, external_id, data)
     assert _rows() == in_bulk
+
+
+@pytest.mark.parametrize("filler", [0, 30])
+def test_known_patients_in_a_batch_are_read_as_rows_and_changed_like_single_pushes(
+    cast: Cast, filler: int
+) -> None:
+    """A batch reads its known patients as plain rows and loads one as an object only to change
+    it: an unchanged patient, a changed one booked twice, one that an updated appointment
+    brings along and a later item renames: the same rows as single pushes in the same order
+    (with `filler` new appointments, the batch writes by COPY)."""
+    p1 = {"external_id": "P1", "phone": "06 12 34 56 78", "language": "fr", "name": "Léa"}
+    p2 = {"external_id": "P2", "phone": "06 98 76 54 32"}
+    setup = [("A1", body(patient=p1)), ("A2", body(patient=p2))]
+    items = [
+        ("A3", body(patient=p1)),
+        ("A4", body(patient={**p2, "phone": "07 81 22 33 44"})),
+        ("A5", body(patient={**p2, "phone": "07 81 22 33 44"})),
+        ("A1", body(patient=p1, location="Salle 4")),
+        ("A6", body(patient={**p1, "name": "Léa M."})),
+        ("A7", body(patient={**p2, "phone": "01 42 68 53 00"})),  # a landline: no reminders
+        *[(f"F{i:02d}", body(patient={"external_id": f"Q{i}"})) for i in range(filler)],
+    ]
+    for external_id, data in setup:
+        push(cast, external_id, data)
+    with db.session_scope() as session:
+        clinic = session.get(Clinic, cast.clinic_id)
+        assert clinic is not None
+        batch = [
+            BatchItem.model_validate({**data.model_dump(), "external_id": external_id})
+            for external_id, data in items
+        ]
+        results = Intake(session, clinic, NOW, TEST_SECRET.encode()).batch(batch)
+        assert [getattr(r, "result", r) for r in results] == ["created"] * 3 + ["updated"] + [
+            "created"
+        ] * (2 + filler)
+    in_batch = _rows()
+    with db.session_scope() as session:
+        for model in (Reminder, Appointment, Patient):
+            session.execute(delete(model))
+    for external_id, data in setup + items:
+        push(cast, external_id, data)
+    assert _rows() == in_batch
+    assert stored("A6").patient.name == "Léa M."
+    assert stored("A4").patient.phone_e164 == "+33142685300"
+
+
+def test_new_appointments_of_unchanged_known_patients_load_no_patient_object(cast: Cast) -> None:
+    p1 = {"external_id": "P1", "phone": "06 12 34 56 78", "language": "fr"}
+    p2 = {"external_id": "P2", "phone": "06 98 76 54 32"}
+    push(cast, "A1", body(patient=p1))
+    push(cast, "A2", body(patient=p2))
+    with db.session_scope() as session:
+        clinic = session.get(Clinic, cast.clinic_id)
+        assert clinic is not None
+        batch = [
+            BatchItem.model_validate({**body(patient=p).model_dump(), "external_id": e})
+            for e, p in (("A3", p1), ("A4", p2), ("A5", p1))
+        ]
+        intake = Intake(session, clinic, NOW, TEST_SECRET.encode())
+        results = intake.batch(batch)
+        assert [getattr(r, "result", r) for r in results] == ["created"] * 3
+        # (`intake`, alive here, would keep the objects it loaded in the weak identity map)
+        assert not [o for o in session.identity_map.values() if isinstance(o, Patient)]
+    assert stored("A5").patient_id == stored("A3").patient_id == stored("A1").patient_id
+
+
+def _selects(session: Any) -> list[str]:
+    """The SELECTs the session sends from now on (a list that fills as they go)."""
+    seen: list[str] = []
+
+    def record(*args: Any) -> None:
+        statement = str(args[2])
+        if statement.lstrip().upper().startswith("SELECT"):
+            seen.append(statement)
+
+    event.listen(session.connection(), "before_cursor_execute", record)
+    return seen
+
+
+def test_a_single_push_reads_its_appointment_and_another_known_patient_in_one_query(
+    cast: Cast,
+) -> None:
+    """A feed's single message (MLLP, FHIR, PUT) looks its appointment and its patient up in
+    one outer join: a new appointment of a known patient, and a known appointment moved to
+    another known patient, each with one SELECT."""
+    push(cast, "A1", body())
+    push(cast, "A2", body(patient={"external_id": "P2", "phone": "06 98 76 54 32"}))
+    with db.session_scope() as session:
+        clinic = session.get(Clinic, cast.clinic_id)
+        assert clinic is not None
+        intake = Intake(session, clinic, NOW, TEST_SECRET.encode())
+        selects = _selects(session)
+        new = BatchItem.model_validate({**body().model_dump(), "external_id": "A3"})
+        assert [r.result for r in intake.batch([new]) if not isinstance(r, Exception)] == [
+            "created"
+        ]
+        assert len(selects) == 1
+        moved = body(patient={"external_id": "P2", "phone": "06 98 76 54 32", "name": "Zoé"})
+        item = BatchItem.model_validate({**moved.model_dump(), "external_id": "A1"})
+        selects.clear()
+        assert [
+            r.result
+            for r in Intake(session, clinic, NOW, TEST_SECRET.encode()).batch([item])
+            if not isinstance(r, Exception)
+        ] == ["updated"]
+        assert len([s for s in selects if "FROM reminders" not in s]) == 1
+    assert stored("A1").patient.external_id == "P2"
+    assert stored("A1").patient.name == "Zoé"
+    assert stored("A3").patient.external_id == "P1"
+    assert stored("A2").patient_id == stored("A1").patient_id
+
+
+@pytest.mark.postgres
+def test_only_the_single_message_statements_are_prepared(pg_database: str) -> None:
+    """On PostgreSQL the lookup and the INSERTs of a single message are server-side prepared
+    statements (their parsing and planning cost more than their run); nothing else is, and the
+    connection goes back to preparing nothing."""
+    with db.session_scope() as session:
+        clinic, _ = create_clinic(
+            session, ClinicOptions(name="C", timezone="Europe/Paris", country="FR", language="fr")
+        )
+        intake = Intake(session, clinic, NOW, TEST_SECRET.encode())
+        intake.put("A1", body())
+        session.execute(select(Patient)).all()
+        prepared = session.execute(text("SELECT statement FROM pg_prepared_statements")).all()
+        driver = session.connection().connection.driver_connection
+        assert isinstance(driver, psycopg.Connection)
+        assert driver.prepare_threshold is None
+    kinds = sorted(statement.split(" (")[0].split(",")[0] for (statement,) in prepared)
+    assert kinds == [
+        'INSERT INTO "appointments"',
+        'INSERT INTO "patients"',
+        'INSERT INTO "reminders"',
+        "SELECT appointments.id",
+    ]
