@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import lru_cache
 
 import phonenumbers
-from phonenumbers import PhoneNumber, PhoneNumberType
+from phonenumbers import PhoneNumberType
 
 # Languages with built-in texts. Any Chinese tag uses the Simplified texts.
 SUPPORTED_LANGUAGES = ("en", "fr", "ru", "zh")
@@ -53,87 +53,18 @@ def parse_phone(raw: str, country: str) -> Phone:
         raise ValueError("too long to be a phone number")
     if _PLAIN.fullmatch(raw):  # the usual forms: "06 12 34 56 78", "+33 6.12.34.56.78"
         raw = raw.translate(_SEPARATORS)
-    number, kind = _read(raw, country)
+    try:
+        number = phonenumbers.parse(raw, country)
+    except phonenumbers.NumberParseException as exc:
+        raise ValueError(f"not a phone number: {exc._msg}") from None
+    # The type is UNKNOWN exactly when is_valid_number is false (both match the number against
+    # its region's patterns, the costly part of a parse): one call does both.
+    kind = phonenumbers.number_type(number)
     if kind == PhoneNumberType.UNKNOWN:
         region = phonenumbers.region_code_for_number(number) or country
         raise ValueError(f"not a valid phone number for {region}")
     e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
     return Phone(e164=e164, sms_capable=kind not in _NOT_SMS)
-
-
-def _read(raw: str, country: str) -> tuple[PhoneNumber, int]:
-    """The number and its type; raises ValueError when it is no number at all.
-
-    The type is UNKNOWN exactly when is_valid_number is false (both match the number against
-    its region's patterns, the costly part of a parse): one call does both."""
-    number = _national(raw, country)
-    if number is not None:
-        kind = phonenumbers.number_type(number)
-        if kind != PhoneNumberType.UNKNOWN:
-            return number, kind
-    try:
-        number = phonenumbers.parse(raw, country)
-    except phonenumbers.NumberParseException as exc:
-        raise ValueError(f"not a phone number: {exc._msg}") from None
-    return number, phonenumbers.number_type(number)
-
-
-@dataclass(frozen=True)
-class _Region:
-    """What reading a national number of a region takes, when it is simple."""
-
-    country_code: int
-    idd: re.Pattern[str] | None  # the prefix that dials abroad ("00")
-    national_prefix: re.Pattern[str] | None  # the prefix that dials a trunk call ("0")
-
-
-@cache
-def _region(country: str) -> _Region | None:
-    """None for an unknown region, or one whose national prefix is read with a rewriting rule
-    or carries a carrier code (Argentina, Brazil, Japan...): those take phonenumbers' parser."""
-    metadata = phonenumbers.PhoneMetadata.metadata_for_region(country.upper(), None)
-    if metadata is None or metadata.country_code is None or metadata.national_prefix_transform_rule:
-        return None
-    prefix = metadata.national_prefix_for_parsing
-    national_prefix = re.compile(prefix) if prefix else None
-    if national_prefix is not None and national_prefix.groups:
-        return None
-    idd = re.compile(metadata.international_prefix) if metadata.international_prefix else None
-    return _Region(metadata.country_code, idd, national_prefix)
-
-
-def _national(digits: str, country: str) -> PhoneNumber | None:
-    """The number phonenumbers.parse reads from a national number's digits, read as it does
-    but without its general text handling (two thirds of its time) - or None when it would
-    read them another way (a dialling prefix for abroad, the country code without its `+`, a
-    region with rewriting rules). The caller keeps the result only when it is a valid number:
-    where phonenumbers keeps the national prefix (the number without it does not fit the
-    region's patterns) or refuses to drop it (too short without it), the number read here,
-    without it, is not valid, and the caller asks phonenumbers instead."""
-    region = _region(country)
-    if (
-        region is None
-        or not (digits.isascii() and digits.isdigit())
-        or digits.startswith(str(region.country_code))
-        or (region.idd is not None and region.idd.match(digits))
-    ):
-        return None
-    national = digits
-    if region.national_prefix is not None:
-        found = region.national_prefix.match(digits)
-        if found:
-            national = digits[found.end() :]
-    if not 2 <= len(national) <= 17:
-        return None
-    number = PhoneNumber(country_code=region.country_code, national_number=int(national))
-    if len(national) > 1 and national[0] == "0":  # as phonenumbers keeps leading zeros (Italy)
-        zeros = 1
-        while zeros < len(national) - 1 and national[zeros] == "0":
-            zeros += 1
-        number.italian_leading_zero = True
-        if zeros != 1:
-            number.number_of_leading_zeros = zeros
-    return number
 
 
 def canonical_language(tag: str) -> str:

@@ -52,47 +52,16 @@ def _ours(raw: str, country: str) -> Phone | str:
         return "unparsable" if str(exc).startswith("not a phone number") else "invalid"
 
 
-def _national_examples() -> list[tuple[str, str]]:
-    """Every region's example numbers of every type, written the national way."""
-    examples = []
-    for region in sorted(phonenumbers.SUPPORTED_REGIONS):
-        for kind in phonenumbers.PhoneNumberType.values():
-            number = phonenumbers.example_number_for_type(region, kind)
-            if number is not None:
-                national = phonenumbers.PhoneNumberFormat.NATIONAL
-                examples.append((phonenumbers.format_number(number, national), region))
-    return examples
-
-
-_EXAMPLES = _national_examples()
-
-
-@st.composite
-def _valid_looking(draw: st.DrawFn) -> tuple[str, str]:
-    """A region's example number with its last digits changed (often still valid)."""
-    raw, region = draw(st.sampled_from(_EXAMPLES))
-    digits = [i for i, char in enumerate(raw) if char.isdigit()]
-    chars = list(raw)
-    for i in digits[-draw(st.integers(0, min(5, len(digits)))) :]:
-        chars[i] = draw(st.sampled_from("0123456789"))
-    home = draw(st.sampled_from([region, region, region, "FR", "US", "GB", "IT", "RU"]))
-    return "".join(chars), home
-
-
-@settings(max_examples=1500)
+@settings(max_examples=1000)
 @given(
-    st.tuples(
-        st.from_regex(r"\A\+?[0-9][0-9 .\-]{0,20}\Z")
-        | st.builds(lambda d: "0" + d, st.from_regex(r"\A[1-9][0-9]{8,9}\Z")),
-        st.sampled_from(sorted(phonenumbers.SUPPORTED_REGIONS)),
-    )
-    | _valid_looking()
+    st.from_regex(r"\A\+?[0-9][0-9 .\-]{0,20}\Z")
+    | st.builds(lambda d: "0" + d, st.from_regex(r"\A[1-9][0-9]{8,9}\Z")),
+    st.sampled_from(sorted(phonenumbers.SUPPORTED_REGIONS)),
 )
-def test_the_quick_reading_of_plain_numbers_is_the_plain_reading(case: tuple[str, str]) -> None:
-    """Separators are dropped, simple national numbers are read without phonenumbers' text
-    handling, and the type check doubles as the validity check (all to save CPU on imports):
-    the same answer as phonenumbers' own full path, in every region."""
-    raw, country = case
+def test_the_quick_reading_of_plain_numbers_is_the_plain_reading(raw: str, country: str) -> None:
+    """Separators are dropped before parsing and the type check doubles as the validity check
+    (both to save CPU on imports): the same answer as phonenumbers' own full path, in every
+    region."""
     assert _ours(raw, country) == _reference_parse(raw, country)
 
 
