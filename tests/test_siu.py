@@ -13,9 +13,10 @@ from pathlib import Path
 
 import hl7
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from reminders import db, siu
+from reminders.clinics import ClinicOptions, create_clinic
 from reminders.models import Appointment
 from reminders.siu import EB, SB, Frame, FrameReader, TooLarge, apply_message, frame, serve
 from tests.conftest import TEST_SECRET, Cast
@@ -236,6 +237,47 @@ def test_no_patient_data_in_logs(cast: Cast, caplog: pytest.LogCaptureFixture) -
     apply(cast, _edit("^33^6^12345678^^^^^+33612345678", "^^^^^^^^123"))
     for secret in ("DUPONT", "Marie", "612345678", "42123456", "P000123"):
         assert secret not in caplog.text
+
+
+def test_each_message_on_a_held_connection_is_committed_before_its_ack(cast: Cast) -> None:
+    """An MLLP connection's messages share one database connection, each in its own
+    transaction: another connection sees the appointment as soon as the ACK is made."""
+    held = siu.HeldConnection()
+    try:
+        for name, expected in (("s12_v251_tq1", "created"), ("s15", "updated")):
+            raw = apply_message(
+                message(name), cast.clinic_id, dt.datetime.now(dt.UTC), SECRET, held
+            )
+            assert ack_of(raw)[0] == "AA"
+            assert ack_of(raw)[2] == expected
+            assert count() == 1
+        assert stored("FL10001").status == "cancelled"
+    finally:
+        held.close()
+
+
+@pytest.mark.postgres
+def test_a_dropped_held_connection_is_replaced_and_the_message_applied(pg_database: str) -> None:
+    with db.session_scope() as session:
+        clinic, _ = create_clinic(
+            session, ClinicOptions(name="C", timezone="Europe/Paris", country="FR", language="fr")
+        )
+        clinic_id = clinic.id
+    held = siu.HeldConnection()
+    now = dt.datetime.now(dt.UTC)
+    try:
+        assert ack_of(apply_message(message("s12_v23"), clinic_id, now, SECRET, held))[0] == "AA"
+        with held.transaction() as session:
+            pid = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with db.session_scope() as session:
+            session.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        raw = apply_message(message("s12_v251_tq1"), clinic_id, now, SECRET, held)
+        assert ack_of(raw)[:3] == ("AA", "MSG00001", "created")
+        with held.transaction() as session:
+            assert session.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
+    finally:
+        held.close()
+    assert count() == 2
 
 
 # --- framing ---------------------------------------------------------------------------------
