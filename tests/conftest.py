@@ -205,6 +205,19 @@ def client(database: str) -> Iterator[TestClient]:
         yield test_client
 
 
+def use_vonage_provider(monkeypatch: pytest.MonkeyPatch, signature_secret: str) -> None:
+    """Settings for the vonage provider (webhooks must then be signed with `signature_secret`),
+    read afresh by the next engine and settings."""
+    for name, value in {
+        "REMINDERS_SMS_PROVIDER": "vonage",
+        "REMINDERS_VONAGE_API_KEY": "key",
+        "REMINDERS_VONAGE_API_SECRET": "secret",
+        "REMINDERS_VONAGE_SIGNATURE_SECRET": signature_secret,
+    }.items():
+        monkeypatch.setenv(name, value)
+    db.reset()
+
+
 def appointment_body(**overrides: object) -> dict[str, object]:
     """A valid appointment body, as a clinic system would send it."""
     body: dict[str, object] = {

@@ -32,7 +32,7 @@ from reminders import db, dispatch
 from reminders.api import create_app
 from reminders.models import Appointment, Clinic, InboundMessage, Reminder, Template
 from reminders.texts import single_line
-from tests.conftest import Cast, apply_stored_replies, appointment_body
+from tests.conftest import Cast, apply_stored_replies, appointment_body, use_vonage_provider
 from tests.vonage_standin import sign
 
 SIGNATURE_SECRET = "hostile-signature-secret"
@@ -48,14 +48,7 @@ MAX_EXAMPLES = 25  # per operation and per key: the whole run stays well under t
 @pytest.fixture
 def vonage_app(database: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
     """The API on the vonage provider (webhooks must be signed)."""
-    for name, value in {
-        "REMINDERS_SMS_PROVIDER": "vonage",
-        "REMINDERS_VONAGE_API_KEY": "key",
-        "REMINDERS_VONAGE_API_SECRET": "secret",
-        "REMINDERS_VONAGE_SIGNATURE_SECRET": SIGNATURE_SECRET,
-    }.items():
-        monkeypatch.setenv(name, value)
-    db.reset()
+    use_vonage_provider(monkeypatch, SIGNATURE_SECRET)
     with TestClient(create_app()) as client:
         yield client
 

@@ -39,6 +39,18 @@ def push(cast: Cast, external_id: str, data: AppointmentIn, now: dt.datetime = N
         return [(r.rule, r.kind, r.status, r.skip_reason) for r in appointment.reminders]
 
 
+def push_batch(cast: Cast, items: list[tuple[str, AppointmentIn]]) -> list[Any]:
+    """The items as one batch (as POST /v1/appointments/batch sends them); their results."""
+    with db.session_scope() as session:
+        clinic = session.get(Clinic, cast.clinic_id)
+        assert clinic is not None
+        batch = [
+            BatchItem.model_validate({**data.model_dump(), "external_id": external_id})
+            for external_id, data in items
+        ]
+        return list(Intake(session, clinic, NOW, TEST_SECRET.encode()).batch(batch))
+
+
 def stored(external_id: str) -> Appointment:
     with db.session_scope() as session:
         found = session.scalars(select(Appointment).where(Appointment.external_id == external_id))
@@ -189,15 +201,8 @@ def test_a_batch_stores_what_single_pushes_store(
         )
         for i in range(count)
     ]
-    with db.session_scope() as session:
-        clinic = session.get(Clinic, cast.clinic_id)
-        assert clinic is not None
-        batch = [
-            BatchItem.model_validate({**data.model_dump(), "external_id": external_id})
-            for external_id, data in items
-        ]
-        results = Intake(session, clinic, NOW, TEST_SECRET.encode()).batch(batch)
-        assert [getattr(r, "result", r) for r in results] == ["created"] * count
+    results = push_batch(cast, items)
+    assert [getattr(r, "result", r) for r in results] == ["created"] * count
     in_bulk = _rows()
     assert sum(len(row[-1]) for row in in_bulk) > count / 3  # reminders
     with db.session_scope() as session:
@@ -232,17 +237,10 @@ def test_known_patients_in_a_batch_are_read_as_rows_and_changed_like_single_push
     ]
     for external_id, data in setup:
         push(cast, external_id, data)
-    with db.session_scope() as session:
-        clinic = session.get(Clinic, cast.clinic_id)
-        assert clinic is not None
-        batch = [
-            BatchItem.model_validate({**data.model_dump(), "external_id": external_id})
-            for external_id, data in items
-        ]
-        results = Intake(session, clinic, NOW, TEST_SECRET.encode()).batch(batch)
-        assert [getattr(r, "result", r) for r in results] == ["created"] * 3 + ["updated"] + [
-            "created"
-        ] * (2 + filler)
+    results = push_batch(cast, items)
+    assert [getattr(r, "result", r) for r in results] == ["created"] * 3 + ["updated"] + [
+        "created"
+    ] * (2 + filler)
     in_batch = _rows()
     with db.session_scope() as session:
         for model in (Reminder, Appointment, Patient):

@@ -30,7 +30,14 @@ from reminders import db, events, replies, scheduler
 from reminders.api import create_app
 from reminders.broker import QUEUE, REPLIES_QUEUE
 from reminders.models import Appointment, Clinic, Event, InboundMessage, OptOut, Reminder
-from tests.conftest import TEST_SECRET, Cast, appointment_body, replies_worker, statements
+from tests.conftest import (
+    TEST_SECRET,
+    Cast,
+    appointment_body,
+    replies_worker,
+    statements,
+    use_vonage_provider,
+)
 from tests.vonage_standin import sign
 
 SIGNATURE_SECRET = "vonage-signature-secret"
@@ -121,14 +128,7 @@ class Vonage:
 
 @pytest.fixture
 def vonage(cast: Cast, monkeypatch: pytest.MonkeyPatch) -> Iterator[Vonage]:
-    for name, value in {
-        "REMINDERS_SMS_PROVIDER": "vonage",
-        "REMINDERS_VONAGE_API_KEY": "key",
-        "REMINDERS_VONAGE_API_SECRET": "secret",
-        "REMINDERS_VONAGE_SIGNATURE_SECRET": SIGNATURE_SECRET,
-    }.items():
-        monkeypatch.setenv(name, value)
-    db.reset()
+    use_vonage_provider(monkeypatch, SIGNATURE_SECRET)
     stub = dramatiq.get_broker()
     assert isinstance(stub, StubBroker)
     with replies_worker() as worker, TestClient(create_app()) as client:
