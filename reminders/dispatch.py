@@ -136,30 +136,29 @@ def claim_due(session: Session, now: dt.datetime, limit: int = 1000) -> list[int
     # Answers to patients are not reminders: no cap holds them back.
     uncapped = or_(Clinic.daily_cap.is_(None), Reminder.kind.in_(ANSWER_KINDS))
     claimed = _claim(session, _due(now, limit).where(uncapped), now)
-    # Only the capped clinics with something due, found first through the small index of
-    # planned rows: an idle tick costs no per-clinic query, whatever the table size.
-    due_clinics = set(
-        session.scalars(
-            select(Reminder.clinic_id)
-            .where(
-                Reminder.status == "planned",
-                Reminder.due_at <= now,
-                Reminder.kind.not_in(ANSWER_KINDS),
-            )
-            .distinct()
+    # Only the capped clinics with something due: for each capped clinic, the first due
+    # reminder in the order of the small index of planned rows (ORDER BY due_at LIMIT 1), so
+    # an idle tick is an empty index range per capped clinic, whatever the table size. (A
+    # DISTINCT over the due rows cost 5-9 ms idle at 1M appointments: PostgreSQL, which cannot
+    # know that past rows are no longer planned, expected 200,000 due rows and started
+    # parallel workers to find none.)
+    first_due = (
+        select(Reminder.id)
+        .where(
+            Reminder.clinic_id == Clinic.id,
+            Reminder.status == "planned",
+            Reminder.due_at <= now,
+            Reminder.kind.not_in(ANSWER_KINDS),
         )
+        .order_by(Reminder.due_at)
+        .limit(1)
+        .scalar_subquery()
     )
-    capped: Iterable[Clinic] = (
-        session.scalars(
-            select(Clinic).where(
-                Clinic.daily_cap.is_not(None),
-                Clinic.paused.is_(False),
-                Clinic.id.in_(due_clinics),
-            )
+    capped = session.scalars(
+        select(Clinic).where(
+            Clinic.daily_cap.is_not(None), Clinic.paused.is_(False), first_due.is_not(None)
         )
-        if due_clinics
-        else []
-    )
+    ).all()
     for clinic in capped:
         assert clinic.daily_cap is not None
         room = min(clinic.daily_cap - used_today(session, clinic, now), limit - len(claimed))
