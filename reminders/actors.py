@@ -99,6 +99,7 @@ def apply_replies() -> None:
     so a lost one costs nothing but time, and several at once share the work."""
     state = runtime()
     size = dispatch.batch_size(state.settings)
+    queues.apply_starting()
     drained = replies.apply_waiting(state.clock, lambda ids: queues.enqueue_sends(ids, size))
     if not drained:
         apply_replies.send()  # more waits: go on in another message, this one took long enough

@@ -109,13 +109,47 @@ def enqueue_sends(ids: list[int], size: int) -> None:
         log.warning("could not queue %d answer SMS now; the sweep will", len(ids), exc_info=True)
 
 
+# Set while an `apply_replies` message waits in Redis that no worker has started yet: a
+# reply stored meanwhile needs no message of its own, as that one will apply it too. The key
+# expires, so a message lost with its key set delays replies by at most this long (and the
+# scheduler's sweep stands behind that).
+APPLY_PENDING = "reminders:apply-pending"
+APPLY_PENDING_SECONDS = 10
+
+
 def enqueue_apply() -> None:
-    """Queues `apply_replies` for an inbound SMS just stored (it applies whatever is waiting).
-    If that fails, the scheduler's sweep queues it once the reply has waited a little."""
+    """Queues `apply_replies` for an inbound SMS just stored (it applies whatever is waiting),
+    unless a queued one has not started yet: at 300 replies a second, one message per reply
+    cost the API a Redis write each and the worker a message each, most finding nothing left
+    to apply. The reply is committed before this runs, and a worker clears the flag before it
+    looks (`apply_starting`), so the message a skipped reply counts on finds it. If queueing
+    fails, the scheduler's sweep queues it once the reply has waited a little."""
     try:
+        client = _redis_of(dramatiq.get_broker())
+        if client is not None and not client.set(
+            APPLY_PENDING, 1, nx=True, ex=APPLY_PENDING_SECONDS
+        ):
+            return
         _enqueue(REPLIES_QUEUE, "apply_replies")
     except Exception:
         log.warning("could not queue a reply's application now; the sweep will", exc_info=True)
+
+
+def apply_starting() -> None:
+    """Called by `apply_replies` before it looks for stored replies: the next reply stored
+    queues a message again."""
+    try:
+        client = _redis_of(dramatiq.get_broker())
+        if client is not None:
+            client.delete(APPLY_PENDING)
+    except Exception:  # the flag expires by itself
+        log.warning("could not clear %s", APPLY_PENDING, exc_info=True)
+
+
+def _redis_of(broker: dramatiq.Broker) -> redis.Redis | None:
+    """The Redis client of a Redis broker (None in embedded mode: each reply queues its own
+    message, in the process's memory)."""
+    return broker.client if isinstance(broker, RedisBroker) else None
 
 
 def _enqueue(queue: str, actor: str, *args: object) -> None:
