@@ -468,6 +468,18 @@ def test_get_form_and_json_webhooks_are_all_accepted(vonage: Vonage) -> None:
     assert vonage.reply("1", as_json=True) == "confirm:applied"
 
 
+def test_a_signed_form_with_empty_fields_and_encoded_text_is_read_as_signed(
+    vonage: Vonage,
+) -> None:
+    """Vonage signs every field it posts, empty ones included (`keyword` of an empty SMS)."""
+    remind(vonage)
+    text = "Rappelez-moi svp: 100% + à demain & merci"
+    assert vonage.reply(text, extra={"keyword": ""}) == "needs_attention"
+    with db.session_scope() as session:
+        stored = session.scalars(select(InboundMessage)).one()
+        assert stored.text == text
+
+
 @pytest.mark.parametrize(
     "tamper",
     ["unsigned", "forged", "wrong-secret", "stale", "future"],
