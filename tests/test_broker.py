@@ -45,7 +45,7 @@ def redis_broker(request: pytest.FixtureRequest) -> Iterator[RedisBroker]:
     """A Redis broker of its own namespace, made the process's broker, its keys removed after."""
     url = need(request.config, REDIS_ENV)
     namespace = f"reminders-test-{os.getpid()}"
-    installed = RedisBroker(url=url, namespace=namespace)
+    installed = RedisBroker(url=url, namespace=namespace)  # type: ignore[no-untyped-call]
     installed.declare_queue(broker.REPLIES_QUEUE)
     installed.client.delete(broker.APPLY_PENDING)
     dramatiq.set_broker(installed)
