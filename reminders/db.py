@@ -116,6 +116,14 @@ def session_scope() -> Iterator[Session]:
         yield session
 
 
+@contextmanager
+def autocommit() -> Iterator[Connection]:
+    """A connection on which each statement commits alone: for a write that is one statement
+    (one round trip to the database instead of BEGIN, the statement and COMMIT)."""
+    with get_engine().connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        yield connection
+
+
 def reset() -> None:
     """Forgets the cached settings, engine and sessions (tests, and after a fork)."""
     if get_engine.cache_info().currsize:

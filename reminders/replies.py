@@ -16,7 +16,19 @@ from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any, Literal, cast
 
-from sqlalchemy import Row, Table, Update, bindparam, delete, exists, func, inspect, select, update
+from sqlalchemy import (
+    Connection,
+    Row,
+    Table,
+    Update,
+    bindparam,
+    delete,
+    exists,
+    func,
+    inspect,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
@@ -243,13 +255,13 @@ GATHER = 0.1  # seconds to let replies gather into a batch (see `drain`)
 PENDING_STALE = dt.timedelta(seconds=30)
 
 
-def store(session: Session, message: Inbound) -> int | None:
+def store(connection: Connection, message: Inbound) -> int | None:
     """Stores an inbound SMS once per provider message id, to be applied by a worker; returns
-    its row id, or None when that id was stored already (a retry, even a concurrent one)."""
-    return _inserted_once(
-        session,
-        InboundMessage,
-        ("provider_message_id",),
+    its row id, or None when that id was stored already (a retry, even a concurrent one).
+    One statement: on an `autocommit` connection it commits alone."""
+    statement = _insert_once(connection.dialect.name, InboundMessage, "provider_message_id")
+    found: int | None = connection.scalar(
+        statement,
         {
             "provider_message_id": message.message_id,
             "msisdn": message.msisdn,
@@ -261,6 +273,7 @@ def store(session: Session, message: Inbound) -> int | None:
             "received_at": message.received_at,
         },
     )
+    return found
 
 
 @cache

@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 
 from reminders import broker, dispatch, replies
 from reminders.config import Settings, get_settings
-from reminders.db import session_scope
+from reminders.db import autocommit, session_scope
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/webhooks/vonage", tags=["vonage"])
@@ -140,8 +140,8 @@ def inbound(params: Params) -> JSONResponse:
         concat_part=_int(params.get("concat-part")) if concat else None,
     )
     try:
-        with session_scope() as session:
-            stored = replies.store(session, message)
+        with autocommit() as connection:
+            stored = replies.store(connection, message)
     except IntegrityError:
         stored = None  # a concurrent retry won
     if stored is None:
