@@ -499,7 +499,9 @@ def cli(env: dict[str, str], *args: str) -> dict[str, Any]:
 class Service:
     """A `reminders` process whose stderr goes to a log file."""
 
-    def __init__(self, name: str, args: Sequence[str], env: dict[str, str], logs: Path) -> None:
+    def __init__(
+        self, name: str, args: Sequence[str], env: dict[str, str], logs: Path, nice: int = 0
+    ) -> None:
         self.name = name
         self.log_path = logs / f"{name}.log"
         self._log: IO[bytes] = self.log_path.open("wb")
@@ -509,6 +511,7 @@ class Service:
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            preexec_fn=(lambda: os.nice(nice)) if nice else None,
         )
 
     @property
@@ -1376,6 +1379,7 @@ def measure(args: argparse.Namespace, url: str) -> Report:
         "wait_quiet": args.wait_quiet,
         "worker_threads": args.threads,
         "api_workers": args.api_workers,
+        "worker_nice": args.worker_nice,
         "send_rate": SEND_RATE,
         "cpus": os.cpu_count(),
         "tree": code_version(),
@@ -1417,7 +1421,8 @@ def measure(args: argparse.Namespace, url: str) -> Report:
         api_args = ["api", "--port", str(port), "--workers", str(args.api_workers)]
         api = Service("api", api_args, env, logs)
         services.append(api)
-        worker = Service("worker", ["worker", "--threads", str(args.threads)], env, logs)
+        worker_args = ["worker", "--threads", str(args.threads)]
+        worker = Service("worker", worker_args, env, logs, nice=args.worker_nice)
         services.append(worker)
         wait_until_up(api, base_url)
         wait_until_idle(worker)
@@ -1622,7 +1627,8 @@ def print_report(report: Report, console: Console) -> None:
         f"bench/replies.py: {report.config['seconds']:g} s per phase, "
         f"{report.config['patients']:,} patients, code {report.config['tree']}, "
         f"one api (--workers {report.config.get('api_workers', 1)}) + one worker "
-        f"(--threads {report.config['worker_threads']}), load average at start "
+        f"(--threads {report.config['worker_threads']}, nice "
+        f"{report.config.get('worker_nice', 0)}), load average at start "
         f"{report.load_start}"
     )
     console.print(phase_table(report.inbound))
@@ -1690,6 +1696,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=8, help="worker threads")
     parser.add_argument(
         "--api-workers", type=int, default=1, help="processes of `reminders api --workers N`"
+    )
+    parser.add_argument(
+        "--worker-nice",
+        type=int,
+        default=5,
+        help="the worker's nice value: about a third of the API's share of a busy CPU, as "
+        "deploy/ gives it (CPUWeight=30, cpu_shares 340); 0 for equal shares",
     )
     parser.add_argument(
         "--settle-timeout", type=float, default=300.0, help="seconds to wait for answers"

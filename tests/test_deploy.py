@@ -479,6 +479,19 @@ def test_every_systemd_unit_has_the_required_keys(name: str) -> None:
     assert unit_value(unit, "Install", "WantedBy") == "reminders.target"
 
 
+def test_a_busy_cpu_goes_to_the_api_before_the_worker() -> None:
+    """Webhook answers cannot wait (Vonage retries), a worker's work can: systemd weighs the
+    worker's cgroup below the API's (default 100), compose its CPU shares (default 1024)."""
+
+    def weight(name: str) -> int:
+        found = unit_values(load_unit(name), "Service", "CPUWeight")
+        return int(found[-1]) if found else 100
+
+    assert weight("reminders-worker.service") < weight("reminders-api.service")
+    shares = {name: int(service.get("cpu_shares", 1024)) for name, service in services().items()}
+    assert shares["worker"] < shares["api"]
+
+
 @pytest.mark.parametrize("name", UNITS)
 def test_every_secret_reaches_each_unit_as_a_systemd_credential(name: str) -> None:
     unit = load_unit(name)
