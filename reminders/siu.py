@@ -824,8 +824,11 @@ async def serve(clinic_id: int, host: str, port: int, *, max_frame: int = MAX_FR
                 task.cancel()
         if busy:
             await asyncio.wait(busy, timeout=10)
-        for task in list(connections):
+        left = list(connections)
+        for task in left:
             task.cancel()
+        if left:  # each gives its database connection back before the loop may close
+            await asyncio.wait(left, timeout=10)
         log.info("MLLP server stopped")
 
 

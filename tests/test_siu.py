@@ -312,6 +312,14 @@ def _free_port() -> int:
 @pytest.fixture
 def server(cast: Cast) -> Iterator[int]:
     """`serve` in a background event loop; yields its port."""
+    with running_server(cast) as port:
+        yield port
+
+
+@contextlib.contextmanager
+def running_server(cast: Cast) -> Iterator[int]:
+    """`serve` in a background event loop until the block ends (then cancelled, as SIGTERM
+    does, and its loop closed); yields its port."""
     port = _free_port()
     loop = asyncio.new_event_loop()
     task: asyncio.Task[None] | None = None
@@ -382,6 +390,18 @@ def test_mllp_ten_megabyte_frame(server: int) -> None:
         sock.sendall(frame(message("s17")))
         assert ack_of(_read_ack(sock))[0] == "AA"
     assert count() == 1
+
+
+def test_stopping_the_server_gives_back_the_database_connections_of_open_ones(
+    cast: Cast,
+) -> None:
+    with contextlib.ExitStack() as later:
+        with running_server(cast) as port:
+            sock = later.enter_context(_connect(port))  # closed only after the server stops
+            sock.sendall(frame(message("s12_v23")))
+            assert ack_of(_read_ack(sock))[:2] == ("AA", "MB-4711")
+            assert db.get_engine().pool.checkedout() == 1  # held by the open connection
+        assert db.get_engine().pool.checkedout() == 0
 
 
 def test_mllp_truncated_frame(server: int) -> None:
