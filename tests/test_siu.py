@@ -14,6 +14,7 @@ from pathlib import Path
 import hl7
 import pytest
 from sqlalchemy import select, text
+from sqlalchemy.pool import QueuePool
 
 from reminders import db, siu
 from reminders.clinics import ClinicOptions, create_clinic
@@ -395,13 +396,15 @@ def test_mllp_ten_megabyte_frame(server: int) -> None:
 def test_stopping_the_server_gives_back_the_database_connections_of_open_ones(
     cast: Cast,
 ) -> None:
+    pool = db.get_engine().pool
+    assert isinstance(pool, QueuePool)
     with contextlib.ExitStack() as later:
         with running_server(cast) as port:
             sock = later.enter_context(_connect(port))  # closed only after the server stops
             sock.sendall(frame(message("s12_v23")))
             assert ack_of(_read_ack(sock))[:2] == ("AA", "MB-4711")
-            assert db.get_engine().pool.checkedout() == 1  # held by the open connection
-        assert db.get_engine().pool.checkedout() == 0
+            assert pool.checkedout() == 1  # held by the open connection
+        assert pool.checkedout() == 0
 
 
 def test_mllp_truncated_frame(server: int) -> None:
