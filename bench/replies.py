@@ -13,7 +13,9 @@ by `reminders.security.link_token`), its `72h` reminder already `sent` to the pa
 applies to it) and its `24h:unconfirmed` reminder still planned (so a cancel drops it). Redis db 13
 is flushed. Then ONE `reminders api` (`--api-workers N`: `reminders api --workers N`, its CPU
 counted over all its processes) and ONE `reminders worker --threads 8` start with the vonage
-provider, the worker sending to a local HTTPS Vonage stand-in (`tests/vonage_standin.py`, run in
+provider (the worker at nice 5, `--worker-nice`: a third of the API's share of a busy CPU, as
+deploy/ gives it, since a webhook's answer cannot wait and a reply's application can), the
+worker sending to a local HTTPS Vonage stand-in (`tests/vonage_standin.py`, run in
 a child process so its TLS work does not share this process's GIL; it counts POSTs per
 `client-ref`), so every acknowledgement really goes out.
 
