@@ -1,7 +1,7 @@
 """Replies benchmark: signed Vonage inbound SMS and patient-link GETs, offered open loop.
 
     .venv/bin/python bench/replies.py [--seconds 30] [--inbound-rate 300] [--link-rate 200]
-                                      [--patients 12000] [--api-workers 1] [--profile DIR]
+                                      [--patients 12000] [--api-workers 2] [--profile DIR]
                                       [--json]
 
 Set-up: a fresh PostgreSQL database (`reminders_bench_replies`, dropped first; server and
@@ -1697,7 +1697,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=8, help="worker threads")
     parser.add_argument(
-        "--api-workers", type=int, default=1, help="processes of `reminders api --workers N`"
+        "--api-workers", type=int, default=2, help="processes of `reminders api --workers N`"
     )
     parser.add_argument(
         "--worker-nice",
