@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import urllib.parse
 from typing import Annotated, Any
 
@@ -101,8 +102,16 @@ def _e164(raw: str) -> str:
     return f"+{digits}" if digits else ""
 
 
+MAX_PARTS = 255  # a concatenated SMS has at most 255 parts (its header counts them in a byte)
+E164_DIGITS = 15
+
+
 def _int(raw: str | None) -> int | None:
-    return int(raw) if raw is not None and raw.isdigit() else None
+    """A part number or count, or None when it is none (out of range: not one Vonage sends)."""
+    if raw is None or not raw.isdigit() or len(raw) > 3:
+        return None
+    value = int(raw)
+    return value if value <= MAX_PARTS else None
 
 
 def _checked(params: dict[str, str]) -> JSONResponse | None:
@@ -128,6 +137,10 @@ def inbound(params: Params) -> JSONResponse:
     message_id = _message_id(params)
     if not msisdn or not to or not message_id:
         return JSONResponse({"status": "ignored", "reason": "msisdn, to and messageId needed"})
+    if len(msisdn) > E164_DIGITS + 1 or len(to) > E164_DIGITS + 1:
+        return JSONResponse(
+            {"status": "ignored", "reason": "msisdn and to must have at most 15 digits (E.164)"}
+        )
     concat = params.get("concat") == "true"
     message = replies.Inbound(
         message_id=message_id[:64],
@@ -135,7 +148,7 @@ def inbound(params: Params) -> JSONResponse:
         to=to,
         text=params.get("text", ""),
         received_at=_now(),
-        concat_ref=params.get("concat-ref") if concat else None,
+        concat_ref=params.get("concat-ref", "")[:32] if concat else None,
         concat_total=_int(params.get("concat-total")) if concat else None,
         concat_part=_int(params.get("concat-part")) if concat else None,
     )
@@ -169,7 +182,7 @@ def status(params: Params) -> JSONResponse:
             message_id=message_id[:64] if message_id else None,
             client_ref=client_ref[:40] if client_ref else None,
             status=state,
-            err_code=params.get("err-code"),
+            err_code=_err_code(params.get("err-code")),
             price=price,
             now=_now(),
         )
@@ -181,8 +194,14 @@ def _message_id(params: dict[str, str]) -> str | None:
     return params.get("messageId") or params.get("message-id")
 
 
+def _err_code(raw: str | None) -> str | None:
+    """Vonage's error codes are short numbers; anything longer is kept cut (the column holds 8)."""
+    return raw[:8] if raw else None
+
+
 def _price(raw: Any) -> float | None:
     try:
-        return float(raw) if raw not in (None, "") else None
+        price = float(raw) if raw not in (None, "") else None
     except ValueError:
         return None
+    return price if price is not None and math.isfinite(price) else None
