@@ -51,12 +51,9 @@ identifying goes to logs.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import datetime as dt
 import logging
-import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -70,7 +67,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from reminders.clinics import get_clinic
 from reminders.config import get_settings
 from reminders.db import session_scope
-from reminders.normalize import parse_phone
 from reminders.planning import Intake, IntakeError, Upserted
 from reminders.schemas import BatchItem
 from reminders.security import process_secret_key
@@ -381,60 +377,8 @@ class _Pending:
 
 
 @dataclass
-class _Stretch:
-    """The records read from one batch's cut to the next: counted in the summary and written
-    to the errors file (in line order) once its batch is applied."""
-
-    rows: int = 0
-    pending: list[_Pending] = field(default_factory=list)
-    rejected: list[_Rejected] = field(default_factory=list)
-
-
-class _Writing:
-    """One batch applied by a thread of its own while the caller reads the next one.
-
-    `result` waits for it and gives its results, or raises what the batch raised (the thread
-    never outlives it: it ends with its batch).
-    """
-
-    def __init__(self, run: Callable[[list[BatchItem]], list[Upserted | IntakeError]]) -> None:
-        self._run = run
-        self._results: list[Upserted | IntakeError] = []
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self, items: list[BatchItem]) -> None:
-        self._thread = threading.Thread(
-            target=self._target, args=(items,), name="csv-import-writer", daemon=True
-        )
-        self._thread.start()
-
-    def _target(self, items: list[BatchItem]) -> None:
-        try:
-            self._results = self._run(items)
-        except BaseException as exc:  # handed to the reading thread by result()
-            self._error = exc
-
-    def result(self) -> list[Upserted | IntakeError]:
-        if self._thread is not None:
-            self._thread.join()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        return self._results
-
-
-@dataclass
 class _Importer:
-    """Applies valid rows a batch at a time; writes the rejected ones in line order.
-
-    A pipeline of two: while one batch is applied (by a `_Writing` thread: the database works
-    and psycopg waits without the GIL), the next one is read and validated here. A batch starts
-    only once the one before it is committed and settled, so batches apply one at a time and in
-    order, exactly as one after the other would; the summary and the errors file are only
-    touched here, batch by batch. When a batch ends the import (ImportAborted), the records read
-    after it are dropped unseen, as if they had not been read.
-    """
+    """Applies valid rows a batch at a time; writes the rejected ones in line order."""
 
     clinic_id: int
     now: dt.datetime
@@ -443,73 +387,41 @@ class _Importer:
     batch_size: int
     summary: Summary = field(default_factory=Summary)
     failed_in_a_row: int = 0
-    current: _Stretch = field(default_factory=_Stretch)
-    # The batch being applied and the stretch it cuts.
-    writing: tuple[_Stretch, _Writing] | None = None
-
-    def read(self) -> None:
-        """Counts a record read (it is added or rejected next)."""
-        self.current.rows += 1
+    pending: list[_Pending] = field(default_factory=list)
+    # Rejections that follow a pending row: written once its batch is applied.
+    held: list[_Rejected] = field(default_factory=list)
 
     def add(self, row: _Pending) -> None:
-        self.current.pending.append(row)
-        if len(self.current.pending) >= self.batch_size:
-            self.send()
+        self.pending.append(row)
+        if len(self.pending) >= self.batch_size:
+            self.apply()
 
     def reject(self, row: _Rejected) -> None:
-        self.current.rejected.append(row)
-        if not self.current.pending and self.writing is None:
-            self.send()  # nothing before it waits to be applied: written at once
-        elif len(self.current.rejected) >= self.batch_size:
-            self.send()
-
-    def send(self) -> None:
-        """Cuts the stretch read so far: settles the batch being applied, then starts this one."""
-        stretch, self.current = self.current, _Stretch()
-        self._settle_writing()
-        if not stretch.pending:
-            self._settle(stretch, None)
+        self.summary.rejected += 1
+        if not self.pending:
+            self.errors.write(row)
             return
-        writing = _Writing(self._run)
-        self.writing = stretch, writing
-        writing.start([p.item for p in stretch.pending])
+        self.held.append(row)
+        if len(self.held) >= self.batch_size:
+            self.apply()
 
-    def finish(self) -> None:
-        """At the end of the file: applies and settles everything read."""
-        self.send()
-        self._settle_writing()
-
-    def abandon(self) -> None:
-        """The reading failed: waits for the batch being applied and settles it (its rows may
-        be committed), never raising (the reading's error is the one to tell)."""
+    def apply(self) -> None:
+        """Applies the pending rows, then writes this stretch's rejections in line order."""
+        pending, self.pending = self.pending, []
+        rejected, self.held = self.held, []
         try:
-            self._settle_writing()
-        except Exception as exc:
-            log.warning("csv import: the last batch failed too (%s)", type(exc).__name__)
-
-    def _settle_writing(self) -> None:
-        if self.writing is not None:
-            stretch, writing = self.writing
-            self.writing = None
-            self._settle(stretch, writing)
-
-    def _settle(self, stretch: _Stretch, writing: _Writing | None) -> None:
-        """Counts a stretch, with its batch's results, then writes its rejections in line order."""
-        self.summary.rows += stretch.rows
-        self.summary.rejected += len(stretch.rejected)
-        rejected = stretch.rejected
-        try:
-            if writing is not None:
-                self._apply(stretch.pending, writing, rejected)
+            self._apply(pending, rejected)
         finally:
             rejected.sort(key=lambda r: r.line)
             for row in rejected:
                 self.errors.write(row)
             self.errors.flush()
 
-    def _apply(self, pending: list[_Pending], writing: _Writing, rejected: list[_Rejected]) -> None:
+    def _apply(self, pending: list[_Pending], rejected: list[_Rejected]) -> None:
+        if not pending:
+            return
         try:
-            results = writing.result()
+            results = self._run([p.item for p in pending])
         except SQLAlchemyError as exc:
             self.failed_in_a_row += 1
             code = getattr(getattr(exc, "orig", None), "sqlstate", None) or type(exc).__name__
@@ -543,7 +455,6 @@ class _Importer:
             rejected.append(_Rejected(p.line, p.item.external_id, column, reason, cells=p.cells))
 
     def _run(self, items: list[BatchItem]) -> list[Upserted | IntakeError]:
-        """Applies one batch in its own transaction (in the writing thread)."""
         secret = process_secret_key(get_settings())
         results: list[Upserted | IntakeError] = []
         try:
@@ -587,8 +498,7 @@ def import_csv(
     if errors_path.resolve() == path.resolve():
         raise CsvError("the errors file must not be the input file")
     with session_scope() as session:
-        clinic = get_clinic(session, clinic_id)
-        zone, country = ZoneInfo(clinic.timezone), clinic.country
+        zone = ZoneInfo(get_clinic(session, clinic_id).timezone)
     try:
         stream = path.open("rb")
     except OSError as exc:
@@ -611,12 +521,7 @@ def import_csv(
         errors = _ErrorsFile(errors_path, header)
         importer = _Importer(clinic_id, now, dry_run, errors, batch_size)
         try:
-            with _quick_gil_handover():
-                try:
-                    _import_records(importer, lines, sep, index, (zone, country), progress)
-                except BaseException:
-                    importer.abandon()  # no batch goes on being applied after we return
-                    raise
+            _import_records(importer, lines, sep, index, zone, progress)
         finally:
             if errors.close():
                 importer.summary.errors_path = errors_path
@@ -625,25 +530,6 @@ def import_csv(
     if progress is not None:
         progress(lines.bytes_read)
     return importer.summary
-
-
-# How long a thread may hold the GIL while another waits for it, during an import (CPython's
-# default is 5 ms). The writing thread waits on the database many times per batch and needs the
-# GIL back each time, while the reading thread keeps it busy: at 5 ms a round trip of 0.1 ms
-# took 4 ms (seen: 500 `SELECT 1` from 0.03 s alone to 1.9 s beside a busy thread; 0.03 s at
-# 0.5 ms).
-_SWITCH_INTERVAL = 0.0005
-
-
-@contextlib.contextmanager
-def _quick_gil_handover() -> Iterator[None]:
-    """Shortens the interpreter's switch interval while the import runs (then puts it back)."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(min(before, _SWITCH_INTERVAL))
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
 
 
 def _columns(header: list[str], mapping: dict[str, str] | None) -> dict[str, int]:
@@ -676,11 +562,9 @@ def _import_records(
     lines: _Lines,
     sep: str,
     index: dict[str, int],
-    clinic: tuple[ZoneInfo, str],
+    zone: ZoneInfo,
     progress: Callable[[int], None] | None,
 ) -> None:
-    """Reads, checks and hands over the records; `clinic` is its time zone and country."""
-    zone, country = clinic
     width = len(importer.errors.header)
     ticked = 0
     ext, outcome = index["external_id"], index.get("outcome")
@@ -689,7 +573,7 @@ def _import_records(
     language, practitioner = index["language"], index["practitioner"]
     location, kind = index["location"], index["kind"]
     for record in _records(lines, sep, width):
-        importer.read()
+        importer.summary.rows += 1
         if progress is not None and lines.bytes_read - ticked >= _TICK_BYTES:
             ticked = lines.bytes_read
             progress(ticked)
@@ -734,22 +618,8 @@ def _import_records(
             column, reason = _explain(exc)
             importer.reject(_Rejected(record.line, external_id, column, reason, cells=cells))
             continue
-        _parse_phone_ahead(item.patient.phone, country)
         importer.add(_Pending(record.line, cells, item))
-    importer.finish()
-
-
-def _parse_phone_ahead(phone: str | None, country: str) -> None:
-    """Parses a row's phone number here, while the batch before it is applied.
-
-    Applying the row parses it again, with the same arguments, and finds it remembered
-    (parse_phone's cache holds far more than two batches): the costliest step of applying a
-    row leaves the writing thread, the one the import waits on. A bad number is left for the
-    upsert to reject, with its usual reason and field.
-    """
-    if phone:
-        with contextlib.suppress(ValueError):
-            parse_phone(phone, country)
+    importer.apply()
 
 
 def _explain(exc: ValidationError) -> tuple[str, str]:

@@ -7,7 +7,6 @@ import datetime as dt
 import functools
 import json
 import shutil
-import threading
 import tracemalloc
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -19,7 +18,6 @@ from typer.testing import CliRunner
 
 from reminders import csv_import, db
 from reminders.cli import app
-from reminders.clinics import ClinicOptions, create_clinic
 from reminders.csv_import import CsvError, Summary, import_csv, parse_mapping
 from reminders.models import Appointment, Patient, Reminder
 from reminders.planning import Intake
@@ -347,107 +345,11 @@ def test_reading_a_large_file_keeps_memory_flat(tmp_path: Path) -> None:
     assert peak < 1_000_000, peak
 
 
-# The pipeline: one batch is applied by a thread of its own while the next one is read.
-
-
-def writer_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "csv-import-writer"]
-
-
-def inline_writes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Batches applied in the reading thread, one after the other, as before the pipeline."""
-    monkeypatch.setattr(csv_import._Writing, "start", lambda self, items: self._target(items))
-
-
-def mixed_export(path: Path, rows: int) -> None:
-    """Good rows, bad ones (phone, time, width, broken quote) and repeats across batches."""
-    lines = [HEADER]
-    for n in range(rows):
-        ext = f"M{n % (rows - 5)}"  # the last 5 rows repeat the first 5, a few batches later
-        phone = "pas de numéro" if n % 7 == 3 else f"06 12 34 {n // 100 % 100:02} {n % 100:02}"
-        start = "2026-03-29 02:30" if n % 11 == 5 else f"2026-03-{10 + n % 15} 09:{n % 60:02}"
-        status = "cancelled" if n % 13 == 0 and n else "booked"
-        line = f"{ext},{start},20,P{n % 9},Nom {n},{phone},fr,Dr,Cab,c,{status}"
-        if n % 17 == 8:
-            line = line.replace(",Nom", ',"Nom')  # an unterminated quote: this row only
-        if n % 19 == 10:
-            line = f"{ext},{start},20"  # too few cells
-        lines.append(line)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def stored_rows(clinic_id: int) -> dict[str, tuple[object, ...]]:
-    with db.session_scope() as session:
-        found = session.scalars(select(Appointment).where(Appointment.clinic_id == clinic_id))
-        return {
-            a.external_id: (a.starts_at, a.status, a.patient.external_id, a.patient.name)
-            for a in found
-        }
-
-
-@pytest.mark.parametrize("dry_run", [False, True])
-def test_the_pipeline_gives_the_summary_errors_file_and_rows_of_one_batch_after_the_other(
-    cast: Cast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dry_run: bool
-) -> None:
-    """The same file into two clinics alike: pipelined, then one batch after the other (a
-    database failure in the 4th batch of each); everything that comes out is the same."""
-    with db.session_scope() as session:
-        twin, _ = create_clinic(
-            session,
-            ClinicOptions(name="Twin", timezone="Europe/Paris", country="FR", language="fr"),
-        )
-        twin_id = twin.id
-    source = tmp_path / "mixed.csv"
-    mixed_export(source, 60)
-    real = Intake.batch
-    calls: list[int] = []
-
-    def fourth_fails(self: Intake, items: list[object]) -> object:
-        calls.append(len(items))
-        if len(calls) == 4:
-            raise OperationalError("INSERT ...", {}, Exception("server closed the connection"))
-        return real(self, items)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Intake, "batch", fourth_fails)
-    piped = import_csv(
-        source,
-        cast.clinic_id,
-        now=NOW,
-        batch_size=4,
-        errors_path=tmp_path / "piped.errors.csv",
-        dry_run=dry_run,
-    )
-    assert not writer_threads()
-    calls.clear()  # the sequential run fails its 4th batch too
-    inline_writes(monkeypatch)
-    sequential = import_csv(
-        source,
-        twin_id,
-        now=NOW,
-        batch_size=4,
-        errors_path=tmp_path / "sequential.errors.csv",
-        dry_run=dry_run,
-    )
-
-    assert counts(piped) == counts(sequential)
-    assert piped.rejected > 10
-    assert piped.created + piped.updated + piped.unchanged > 20
-    assert piped.errors_path is not None
-    assert sequential.errors_path is not None
-    piped_errors = piped.errors_path.read_text(encoding="utf-8")
-    assert piped_errors == sequential.errors_path.read_text(encoding="utf-8")
-    lines = [int(e["line"]) for e in error_rows(piped.errors_path)]
-    assert lines == sorted(lines)
-    assert "database error" in piped_errors
-    assert stored_rows(cast.clinic_id) == stored_rows(twin_id)
-    assert bool(stored_rows(cast.clinic_id)) is not dry_run
-
-
-def test_a_failure_in_the_writer_thread_ends_the_import_with_that_error(
+def test_a_failure_other_than_the_database_ends_the_import_with_that_error(
     cast: Cast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Not a database error (a bug, say): raised by import_csv as it was raised, at once, with
-    the batches before it applied and no thread left behind."""
+    the batches before it applied."""
     real = Intake.batch
     calls: list[int] = []
 
@@ -465,16 +367,15 @@ def test_a_failure_in_the_writer_thread_ends_the_import_with_that_error(
     with pytest.raises(Boom, match="boom"):
         import_csv(path, cast.clinic_id, now=NOW, batch_size=2)
     assert calls == [2, 2]  # the third batch never started
-    assert not writer_threads()
     assert sorted(appointments()) == ["C1", "C2"]
 
 
 def test_a_database_down_mid_import_stops_it_as_before(
     cast: Cast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Good batches, then the database fails: the summary counts the rows up to the third
-    failed batch (the row read after it is dropped, as if unread), the errors file lists them,
-    nothing is applied after, and the command exits 1 saying why."""
+    """A good batch, then the database fails: the import stops at the third failed batch (the
+    rows after it are not read), the errors file lists the rows not applied, nothing is applied
+    after, and the command exits 1 saying why."""
     real = Intake.batch
     calls: list[int] = []
 
@@ -492,7 +393,6 @@ def test_a_database_down_mid_import_stops_it_as_before(
     assert counts(aborted.value.summary) == dict(
         created=1, updated=0, unchanged=0, stale=0, rejected=3, rows=4
     )
-    assert not writer_threads()
     errors = error_rows(tmp_path / "clean.errors.csv")
     assert [e["line"] for e in errors] == ["3", "4", "5"]
     assert sorted(appointments()) == ["C1"]
@@ -506,14 +406,13 @@ def test_a_database_down_mid_import_stops_it_as_before(
     assert result.exit_code == 1, result.stderr
     assert "import stopped: the database failed 3 batches in a row" in result.stderr
     assert json.loads(result.stdout)["rows"] == 3
-    assert not writer_threads()
 
 
-def test_a_reading_failure_waits_for_the_batch_being_applied(
+def test_a_reading_failure_keeps_the_batches_applied_before_it(
     cast: Cast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The reading fails while a batch is applied: that batch finishes (committed, its
-    rejections written) before the error is raised; no thread goes on after."""
+    """The reading fails (not a bad row: the machine): the batches before it stay applied and
+    their rejections written; the error is raised as it was."""
     path = tmp_path / "bad_third.csv"
     path.write_text(
         HEADER + "\n"
@@ -522,16 +421,15 @@ def test_a_reading_failure_waits_for_the_batch_being_applied(
         "D3,2026-03-10 10:00,20,P3,Cid,06 12 34 56 03,fr,,,,\n",
         encoding="utf-8",
     )
-    real = csv_import._parse_phone_ahead
+    real = csv_import._starts_at
 
-    def breaks_on_the_third(phone: str | None, country: str) -> None:
-        if phone == "06 12 34 56 03":
+    def breaks_on_the_third(value: str, zone: ZoneInfo) -> dt.datetime:
+        if value == "2026-03-10 10:00":
             raise MemoryError
-        real(phone, country)
+        return real(value, zone)
 
-    monkeypatch.setattr(csv_import, "_parse_phone_ahead", breaks_on_the_third)
+    monkeypatch.setattr(csv_import, "_starts_at", breaks_on_the_third)
     with pytest.raises(MemoryError):
         import_csv(path, cast.clinic_id, now=NOW, batch_size=2)
-    assert not writer_threads()
     assert sorted(appointments()) == ["D1"]
     assert [e["external_id"] for e in error_rows(tmp_path / "bad_third.errors.csv")] == ["D2"]
