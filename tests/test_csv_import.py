@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import functools
+import gc
 import json
 import shutil
 import tracemalloc
@@ -433,3 +434,26 @@ def test_a_reading_failure_keeps_the_batches_applied_before_it(
         import_csv(path, cast.clinic_id, now=NOW, batch_size=2)
     assert sorted(appointments()) == ["D1"]
     assert [e["external_id"] for e in error_rows(tmp_path / "bad_third.errors.csv")] == ["D2"]
+
+
+def test_full_garbage_collections_are_rare_during_an_import_and_as_before_after(
+    cast: Cast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = gc.get_threshold()
+    real = Intake.batch
+    during: list[tuple[int, int, int]] = []
+
+    def watched(self: Intake, items: list[object]) -> object:
+        during.append(gc.get_threshold())
+        if len(during) == 2:
+            raise RuntimeError("stop")
+        return real(self, items)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Intake, "batch", watched)
+    path = copy("clean.csv", tmp_path)
+    import_csv(path, cast.clinic_id, now=NOW)
+    assert during == [(before[0], before[1], max(before[2], csv_import._FULL_COLLECTION_AFTER))]
+    assert gc.get_threshold() == before
+    with pytest.raises(RuntimeError, match="stop"):
+        import_csv(path, cast.clinic_id, now=NOW)
+    assert gc.get_threshold() == before
