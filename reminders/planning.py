@@ -201,15 +201,21 @@ class Intake:
             self._patients[patient_id] = patient
 
     def _load_digests(self, external_ids: Iterable[str]) -> None:
-        """The stored digests of these appointments, without loading the rows."""
+        """The stored digests of these appointments, without loading the rows. One it does not
+        find is known to be new: preload() does not look for it again (a new appointment, the
+        bulk of a first import, cost a second lookup)."""
         wanted = [e for e in set(external_ids) if e not in self._digests]
         for chunk in _chunks(wanted, 500):
             self._digests.update(dict.fromkeys(chunk, (None, None)))
+            absent = set(chunk)
             rows = self.session.execute(
                 _lookup(self.session, "digests"), {"clinic_id": self.clinic.id, "ids": chunk}
             )
             for external_id, digest, source_updated_at in rows:
                 self._digests[external_id] = (digest, source_updated_at)
+                absent.discard(external_id)
+            for external_id in absent:
+                self._appointments.setdefault(external_id, None)
 
     def _repeat(self, external_id: str, data: AppointmentIn, digest: str) -> Result | None:
         """`unchanged` (or `stale`) when this exact body was applied last; else None."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import functools
+import gc
+import json
 import shutil
 import tracemalloc
 from pathlib import Path
@@ -12,8 +15,10 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
+from typer.testing import CliRunner
 
 from reminders import csv_import, db
+from reminders.cli import app
 from reminders.csv_import import CsvError, Summary, import_csv, parse_mapping
 from reminders.models import Appointment, Patient, Reminder
 from reminders.planning import Intake
@@ -339,3 +344,116 @@ def test_reading_a_large_file_keeps_memory_flat(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert (total, bad) == (50_001, 1)
     assert peak < 1_000_000, peak
+
+
+def test_a_failure_other_than_the_database_ends_the_import_with_that_error(
+    cast: Cast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a database error (a bug, say): raised by import_csv as it was raised, at once, with
+    the batches before it applied."""
+    real = Intake.batch
+    calls: list[int] = []
+
+    class Boom(Exception):
+        pass
+
+    def second_breaks(self: Intake, items: list[object]) -> object:
+        calls.append(len(items))
+        if len(calls) == 2:
+            raise Boom("boom")
+        return real(self, items)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Intake, "batch", second_breaks)
+    path = copy("clean.csv", tmp_path)
+    with pytest.raises(Boom, match="boom"):
+        import_csv(path, cast.clinic_id, now=NOW, batch_size=2)
+    assert calls == [2, 2]  # the third batch never started
+    assert sorted(appointments()) == ["C1", "C2"]
+
+
+def test_a_database_down_mid_import_stops_it_as_before(
+    cast: Cast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A good batch, then the database fails: the import stops at the third failed batch (the
+    rows after it are not read), the errors file lists the rows not applied, nothing is applied
+    after, and the command exits 1 saying why."""
+    real = Intake.batch
+    calls: list[int] = []
+
+    def down_after_one(self: Intake, items: list[object]) -> object:
+        calls.append(len(items))
+        if len(calls) > 1:
+            raise OperationalError("INSERT ...", {}, Exception("connection refused"))
+        return real(self, items)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Intake, "batch", down_after_one)
+    path = copy("clean.csv", tmp_path)
+    with pytest.raises(csv_import.ImportAborted) as aborted:
+        import_csv(path, cast.clinic_id, now=NOW, batch_size=1)
+    assert calls == [1] * 4
+    assert counts(aborted.value.summary) == dict(
+        created=1, updated=0, unchanged=0, stale=0, rejected=3, rows=4
+    )
+    errors = error_rows(tmp_path / "clean.errors.csv")
+    assert [e["line"] for e in errors] == ["3", "4", "5"]
+    assert sorted(appointments()) == ["C1"]
+
+    calls[:] = [1]  # the database stays down
+    monkeypatch.setattr(csv_import, "import_csv", functools.partial(import_csv, batch_size=1))
+    db.reset()  # the command reads the settings once, as a fresh process would
+    result = CliRunner().invoke(
+        app, ["import", str(path), "--clinic", str(cast.clinic_id), "--json"]
+    )
+    assert result.exit_code == 1, result.stderr
+    assert "import stopped: the database failed 3 batches in a row" in result.stderr
+    assert json.loads(result.stdout)["rows"] == 3
+
+
+def test_a_reading_failure_keeps_the_batches_applied_before_it(
+    cast: Cast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reading fails (not a bad row: the machine): the batches before it stay applied and
+    their rejections written; the error is raised as it was."""
+    path = tmp_path / "bad_third.csv"
+    path.write_text(
+        HEADER + "\n"
+        "D1,2026-03-10 09:00,20,P1,Ann,06 12 34 56 01,fr,,,,\n"
+        "D2,2026-03-10 09:30,20,P2,Bob,pas de numéro,fr,,,,\n"
+        "D3,2026-03-10 10:00,20,P3,Cid,06 12 34 56 03,fr,,,,\n",
+        encoding="utf-8",
+    )
+    real = csv_import._starts_at
+
+    def breaks_on_the_third(value: str, zone: ZoneInfo) -> dt.datetime:
+        if value == "2026-03-10 10:00":
+            raise MemoryError
+        return real(value, zone)
+
+    monkeypatch.setattr(csv_import, "_starts_at", breaks_on_the_third)
+    with pytest.raises(MemoryError):
+        import_csv(path, cast.clinic_id, now=NOW, batch_size=2)
+    assert sorted(appointments()) == ["D1"]
+    assert [e["external_id"] for e in error_rows(tmp_path / "bad_third.errors.csv")] == ["D2"]
+
+
+def test_full_garbage_collections_are_rare_during_an_import_and_as_before_after(
+    cast: Cast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = gc.get_threshold()
+    real = Intake.batch
+    during: list[tuple[int, int, int]] = []
+
+    def watched(self: Intake, items: list[object]) -> object:
+        during.append(gc.get_threshold())
+        if len(during) == 2:
+            raise RuntimeError("stop")
+        return real(self, items)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Intake, "batch", watched)
+    path = copy("clean.csv", tmp_path)
+    import_csv(path, cast.clinic_id, now=NOW)
+    assert during == [(before[0], before[1], max(before[2], csv_import._FULL_COLLECTION_AFTER))]
+    assert gc.get_threshold() == before
+    with pytest.raises(RuntimeError, match="stop"):
+        import_csv(path, cast.clinic_id, now=NOW)
+    assert gc.get_threshold() == before
