@@ -18,7 +18,7 @@ from dramatiq.brokers.stub import StubBroker
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from reminders import actors, broker, clinics, db, dispatch, scheduler, texts
+from reminders import actors, broker, clinics, db, dispatch, heap, scheduler, texts
 from reminders.broker import QUEUE, QUEUES, REPLIES_QUEUE, WEBHOOK_QUEUE
 from reminders.config import ConfigError, Settings, get_settings
 from reminders.models import Clinic
@@ -128,6 +128,7 @@ def run(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
     server = make_server(host, port)
     worker = _worker(actors.configure(config), threads=4)
     jobs = _jobs()
+    heap.settle()
     try:
         server.run()  # until SIGTERM/SIGINT: in-flight requests finish, then we return
     finally:
@@ -153,7 +154,9 @@ def api(
     prepare_database(config, auto_migrate=False)
     if workers == 1:
         broker.install(config)  # answers to patients are queued straight from the webhooks
-        make_server(host, port).run()
+        server = make_server(host, port)
+        heap.settle()
+        server.run()
         return
     from reminders.serving import serve_processes
 
@@ -167,7 +170,9 @@ def api_app() -> FastAPI:
 
     _logging()
     broker.install(settings())
-    return create_app()
+    created = create_app()
+    heap.settle()
+    return created
 
 
 def _needs_redis(part: str) -> Settings:
@@ -185,6 +190,7 @@ def scheduler_command() -> None:
     _logging()
     actors.configure(config)
     jobs = _jobs()
+    heap.settle()
     _until_signal()
     jobs.shutdown(wait=True)
 
@@ -197,6 +203,7 @@ def worker(
     config = _needs_redis("worker")
     _logging()
     running = _worker(actors.configure(config), threads)
+    heap.settle()
     _until_signal()
     running.stop(timeout=30_000)
 
@@ -462,6 +469,7 @@ def mllp(
             clinics.get_clinic(session, clinic_id)
     except clinics.ClinicError as exc:
         fail(str(exc))
+    heap.settle()
     siu.run(clinic_id, host, port)
 
 
