@@ -157,15 +157,22 @@ def _insert_once(dialect: str, model: type[Base], *unique: str) -> ReturningInse
 
 
 def _inserted_once(
-    session: Session, model: type[Base], unique: tuple[str, ...], values: Mapping[str, object]
+    executor: Session | Connection,
+    model: type[Base],
+    unique: tuple[str, ...],
+    values: Mapping[str, object],
 ) -> int | None:
-    statement = _insert_once(session.get_bind().dialect.name, model, *unique)
-    found: int | None = session.scalar(statement, values)
+    bind = executor.get_bind() if isinstance(executor, Session) else executor
+    statement = _insert_once(bind.dialect.name, model, *unique)
+    found: int | None = executor.scalar(statement, values)
     return found
 
 
 def _table(model: type[Base]) -> Table:
     return cast(Table, model.__table__)
+
+
+_inbound = _table(InboundMessage)
 
 
 def queue_answer(
@@ -259,9 +266,10 @@ def store(connection: Connection, message: Inbound) -> int | None:
     """Stores an inbound SMS once per provider message id, to be applied by a worker; returns
     its row id, or None when that id was stored already (a retry, even a concurrent one).
     One statement: on an `autocommit` connection it commits alone."""
-    statement = _insert_once(connection.dialect.name, InboundMessage, "provider_message_id")
-    found: int | None = connection.scalar(
-        statement,
+    return _inserted_once(
+        connection,
+        InboundMessage,
+        ("provider_message_id",),
         {
             "provider_message_id": message.message_id,
             "msisdn": message.msisdn,
@@ -273,11 +281,10 @@ def store(connection: Connection, message: Inbound) -> int | None:
             "received_at": message.received_at,
         },
     )
-    return found
 
 
 def _claimed_columns() -> tuple[Any, ...]:
-    table = _table(InboundMessage)
+    table = _inbound
     return (
         table.c.id,
         table.c.msisdn,
@@ -300,18 +307,18 @@ def _claimed_columns() -> tuple[Any, ...]:
 # between bursts: with thousands waiting, a nested loop over all pairs, 0.6 s per batch.
 _PREFIX_PER_BATCH = 20  # prefix rows read per reply wanted: a number rarely sends 20 at once
 _WAITING_PREFIX = (
-    select(_table(InboundMessage).c.id, _table(InboundMessage).c.msisdn)
-    .where(_table(InboundMessage).c.result.is_(None))
-    .order_by(_table(InboundMessage).c.id)
+    select(_inbound.c.id, _inbound.c.msisdn)
+    .where(_inbound.c.result.is_(None))
+    .order_by(_inbound.c.id)
     .limit(bindparam("scan"))
 )
 _LOCK_PICKED = (
     select(*_claimed_columns())
     .where(
-        _table(InboundMessage).c.id.in_(bindparam("ids", expanding=True)),
-        _table(InboundMessage).c.result.is_(None),
+        _inbound.c.id.in_(bindparam("ids", expanding=True)),
+        _inbound.c.result.is_(None),
     )
-    .with_for_update(skip_locked=True, of=_table(InboundMessage))
+    .with_for_update(skip_locked=True, of=_inbound)
 )
 
 
@@ -331,7 +338,7 @@ def _oldest_of_each_number(prefix: Iterable[Any], limit: int) -> list[int]:
 def _sqlite_claim() -> ReturningUpdate[Any]:
     """SQLite, which has no row locks: one UPDATE of the oldest waiting reply of each number,
     whose write lock on the database holds for the whole applying transaction."""
-    table = _table(InboundMessage)
+    table = _inbound
     earlier = table.alias("earlier")
     oldest = (
         select(table.c.id)
@@ -356,7 +363,7 @@ def _sqlite_claim() -> ReturningUpdate[Any]:
     )
 
 
-_SETTLE = update(_table(InboundMessage)).where(_table(InboundMessage).c.id == bindparam("row_id"))
+_SETTLE = update(_inbound).where(_inbound.c.id == bindparam("row_id"))
 
 
 @dataclass(frozen=True)
@@ -511,9 +518,9 @@ def drain(
 
 
 def _apply_batch(clock: Callable[[], dt.datetime], limit: int) -> Applied | None:
-    """One transaction: claims up to `limit` stored replies (`_claim_statement`), applies them and
-    records each one's result on its row; None when none was waiting. A single reply that raises
-    is given up (`error`)."""
+    """One transaction: claims up to `limit` stored replies (`_claim`), applies them and records
+    each one's result on its row; None when none was waiting. A single reply that raises is
+    given up (`error`)."""
     taken: list[int] = []
     try:
         with session_scope() as session:
@@ -532,10 +539,10 @@ def _apply_batch(clock: Callable[[], dt.datetime], limit: int) -> Applied | None
 
 
 _GIVE_UP = (
-    update(_table(InboundMessage))
+    update(_inbound)
     .where(
-        _table(InboundMessage).c.id == bindparam("row_id"),
-        _table(InboundMessage).c.result.is_(None),
+        _inbound.c.id == bindparam("row_id"),
+        _inbound.c.result.is_(None),
     )
     .values(result="error", applied_at=bindparam("now", type_=UTCDateTime()))
 )
@@ -550,7 +557,7 @@ def _give_up(row_id: int, now: dt.datetime) -> None:
 def stale(session: Session, now: dt.datetime) -> int:
     """How many stored replies still wait to be applied `PENDING_STALE` after they came (their
     queue message was lost, or no worker runs): the scheduler's sweep queues them again."""
-    table = _table(InboundMessage)
+    table = _inbound
     found = session.scalar(
         select(func.count())
         .select_from(table)
@@ -559,9 +566,7 @@ def stale(session: Session, now: dt.datetime) -> int:
     return int(found or 0)
 
 
-_USED_PARTS = update(_table(InboundMessage)).where(
-    _table(InboundMessage).c.id.in_(bindparam("ids", expanding=True))
-)
+_USED_PARTS = update(_inbound).where(_inbound.c.id.in_(bindparam("ids", expanding=True)))
 
 
 def _assembled(session: Session, row: Row[Any], now: dt.datetime) -> str | None:

@@ -23,10 +23,12 @@ import vonage_http_client
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import InstrumentedAttribute
 
 from reminders import broker, dispatch, replies
 from reminders.config import Settings, get_settings
 from reminders.db import autocommit, session_scope
+from reminders.models import DeliveryReceipt, InboundMessage
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/webhooks/vonage", tags=["vonage"])
@@ -134,7 +136,7 @@ def inbound(params: Params) -> JSONResponse:
     if refused is not None:
         return refused
     msisdn, to = _e164(params.get("msisdn", "")), _e164(params.get("to", ""))
-    message_id = _message_id(params)
+    message_id = _fit(_message_id(params), InboundMessage.provider_message_id)
     if not msisdn or not to or not message_id:
         return JSONResponse({"status": "ignored", "reason": "msisdn, to and messageId needed"})
     if len(msisdn) > E164_DIGITS + 1 or len(to) > E164_DIGITS + 1:
@@ -143,12 +145,12 @@ def inbound(params: Params) -> JSONResponse:
         )
     concat = params.get("concat") == "true"
     message = replies.Inbound(
-        message_id=message_id[:64],
+        message_id=message_id,
         msisdn=msisdn,
         to=to,
         text=params.get("text", ""),
         received_at=_now(),
-        concat_ref=params.get("concat-ref", "")[:32] if concat else None,
+        concat_ref=_fit(params.get("concat-ref"), InboundMessage.concat_ref) if concat else None,
         concat_total=_int(params.get("concat-total")) if concat else None,
         concat_part=_int(params.get("concat-part")) if concat else None,
     )
@@ -179,10 +181,10 @@ def status(params: Params) -> JSONResponse:
     with session_scope() as session:
         result = dispatch.apply_receipt(
             session,
-            message_id=message_id[:64] if message_id else None,
-            client_ref=client_ref[:40] if client_ref else None,
+            message_id=_fit(message_id, DeliveryReceipt.provider_message_id),
+            client_ref=_fit(client_ref, DeliveryReceipt.client_ref),
             status=state,
-            err_code=_err_code(params.get("err-code")),
+            err_code=_fit(params.get("err-code"), DeliveryReceipt.err_code),
             price=price,
             now=_now(),
         )
@@ -194,9 +196,10 @@ def _message_id(params: dict[str, str]) -> str | None:
     return params.get("messageId") or params.get("message-id")
 
 
-def _err_code(raw: str | None) -> str | None:
-    """Vonage's error codes are short numbers; anything longer is kept cut (the column holds 8)."""
-    return raw[:8] if raw else None
+def _fit(raw: str | None, column: InstrumentedAttribute[Any]) -> str | None:
+    """`raw` cut to what its column holds (PostgreSQL refuses a longer value; Vonage never sends
+    one), None when empty."""
+    return raw[: column.type.length] if raw else None
 
 
 def _price(raw: Any) -> float | None:
