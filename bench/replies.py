@@ -11,13 +11,14 @@ made with `reminders clinic add ... --sender +33939000000 --json`, then, in bulk
 (one mobile number each), one appointment each (2 to 9 days ahead, with its link token computed
 by `reminders.security.link_token`), its `72h` reminder already `sent` to the patient (so a reply
 applies to it) and its `24h:unconfirmed` reminder still planned (so a cancel drops it). Redis db 13
-is flushed. Then ONE `reminders api` (`--api-workers N`: `reminders api --workers N`, its CPU
-counted over all its processes) and ONE `reminders worker --threads 8` start with the vonage
-provider (the worker at nice 5, `--worker-nice`: a third of the API's share of a busy CPU, as
-deploy/ gives it, since a webhook's answer cannot wait and a reply's application can), the
-worker sending to a local HTTPS Vonage stand-in (`tests/vonage_standin.py`, run in
-a child process so its TLS work does not share this process's GIL; it counts POSTs per
-`client-ref`), so every acknowledgement really goes out.
+is flushed. reminders' modules are byte-compiled, as an installed package's are
+(`common.byte_compile`). Then ONE `reminders api` (`--api-workers N`: `reminders api --workers N`,
+its CPU counted over all its processes) and ONE `reminders worker --threads 8` start with the
+vonage provider (the worker at nice 5, `--worker-nice`: a third of the API's share of a busy CPU,
+as deploy/ gives it, since a webhook's answer cannot wait and a reply's application can), the
+worker sending to a local HTTPS Vonage stand-in (`tests/vonage_standin.py`, run in a child process
+so its TLS work does not share this process's GIL; it counts POSTs per `client-ref`), so every
+acknowledgement really goes out.
 
 Phase 1: signed inbound SMS (form POSTs, SMS API fields, `sig` as Vonage computes it) offered
 open loop at `--inbound-rate` for `--seconds`: each a distinct patient and `messageId`, the texts
@@ -103,6 +104,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     SetupError,
     bench_database_url,
+    byte_compile,
     drop_database,
     free_port,
     machine_busy_seconds,
@@ -1421,6 +1423,7 @@ def measure(args: argparse.Namespace, url: str) -> Report:
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
         api_args = ["api", "--port", str(port), "--workers", str(args.api_workers)]
+        byte_compile()  # as an installed package is: no process compiles our modules
         api = Service("api", api_args, env, logs)
         services.append(api)
         worker_args = ["worker", "--threads", str(args.threads)]

@@ -13,7 +13,7 @@ environment: the vonage provider, the real SDK, and `REMINDERS_VONAGE_REST_HOST`
 local HTTPS stand-in (`tests/vonage_standin.py`, answering at once), with
 `REMINDERS_SEND_RATE=10000` (the highest value the settings accept: the cap is lifted, but the
 Redis-backed limiter still runs for every SMS), and its own modules byte-compiled first, as an
-installed package's are (`byte_compile`). It polls the database until every row is final
+installed package's are (`common.byte_compile`). It polls the database until every row is final
 (sent, skipped, failed), reads the worker's CPU time and peak RSS from /proc, and stops it with
 SIGTERM.
 
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import compileall
 import contextlib
 import datetime as dt
 import json
@@ -73,6 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     SetupError,
     bench_database_url,
+    byte_compile,
     drop_database,
     machine_busy_seconds,
     peak_rss_mib,
@@ -422,17 +422,7 @@ def stop_process(
     return int(process.returncode)
 
 
-def byte_compile() -> None:
-    """Byte-compiles reminders' own modules beside their sources (`__pycache__`), as an installed
-    package's are (pip compiles them on install; the Dockerfile installs so). Where
-    PYTHONDONTWRITEBYTECODE is set (this machine sets it), no import writes them, and an
-    editable install compiles reminders' 17,000 lines again at each start: 0.1 s of CPU that no
-    deployment pays. The interpreter still reads them (and checks each against its source)."""
-    compileall.compile_dir(str(ROOT / "reminders"), quiet=1)
-
-
 def worker_env(url: str, redis_url: str, standin: StandIn, send_rate: str) -> dict[str, str]:
-    byte_compile()
     env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
     env.update(
         REMINDERS_DATABASE_URL=url,
@@ -1089,6 +1079,7 @@ def run(args: argparse.Namespace) -> int:
     )
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     err.print(f"load average {load} ({os.cpu_count()} cores)")
+    byte_compile()  # once: every worker this run starts reads the same compiled modules
     standin = StandIn()
     results: list[SendResult] = []
     profile: dict[str, Any] | None = None
